@@ -1,0 +1,207 @@
+"""Our Llama-family decoder: RMSNorm, rotary embeddings, GQA attention over a token-slot KV pool, SwiGLU."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from runtime.config import ModelConfig
+from runtime.kv_pool import KVPool
+
+
+@dataclass
+class ForwardBatch:
+    """One forward over a flat batch of new tokens (prefill chunks and decode tokens alike)."""
+
+    input_ids: Tensor  # [T] int64, new tokens of all sequences, sequence-major
+    positions: Tensor  # [T] int64, absolute position of each token
+    out_slots: Tensor  # [T] int64, KV slot each new token's K/V is written to
+    block_table: Tensor  # [B, L] int64, KV slots of all tokens of each sequence (pad = pool.pad_slot)
+    seq_lens: Tensor  # [B] int64, tokens per sequence after this step (cached + new)
+    query_lens: list[int]  # new tokens per sequence (host ints, sum = T)
+    logits_index: Tensor  # [B] int64, the row of T whose output is wanted (the last new token)
+
+    @property
+    def is_decode(self) -> bool:
+        return max(self.query_lens, default=1) == 1
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """Inverse frequencies `[head_dim // 2]` with plain, linear or Llama-3 scaling."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    elif kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind not in ("default", "dynamic"):  # dynamic NTK equals default within max_position
+        raise ValueError(f"unsupported rope_scaling type {kind!r}")
+    return inv_freq.float()
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block; q/k/v and gate/up projections are fused into one matmul each."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        h, hd = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv, self.head_dim = config.num_heads, config.num_kv_heads, hd
+        self.eps = config.rms_norm_eps
+        qkv_out = (config.num_heads + 2 * config.num_kv_heads) * hd
+        self.qkv_proj = nn.Linear(h, qkv_out, bias=config.qkv_bias, dtype=dtype)
+        self.o_proj = nn.Linear(config.num_heads * hd, h, bias=config.o_bias, dtype=dtype)
+        self.gate_up_proj = nn.Linear(h, 2 * config.intermediate_size, bias=config.mlp_bias, dtype=dtype)
+        self.down_proj = nn.Linear(config.intermediate_size, h, bias=config.mlp_bias, dtype=dtype)
+        self.input_layernorm = nn.Parameter(torch.ones(h, dtype=dtype))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(h, dtype=dtype))
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttnMeta
+    ) -> Tensor:
+        t = x.shape[0]
+        h = F.rms_norm(x, (x.shape[-1],), self.input_layernorm, self.eps)  # [T, H]
+        qkv = self.qkv_proj(h)  # [T, (nh + 2 nkv) hd]
+        q, k, v = qkv.split(
+            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1
+        )
+        q = apply_rope(q.view(t, self.n_heads, self.head_dim), cos, sin)  # [T, nh, hd]
+        k = apply_rope(k.view(t, self.n_kv, self.head_dim), cos, sin)  # [T, nkv, hd]
+        k_cache.index_copy_(0, meta.out_slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, meta.out_slots, v.view(t, self.n_kv, self.head_dim).to(v_cache.dtype))
+        attn = paged_attention(q, k_cache, v_cache, meta)  # [T, nh * hd]
+        x = x + self.o_proj(attn)
+        h = F.rms_norm(x, (x.shape[-1],), self.post_attention_layernorm, self.eps)
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)  # [T, I] each
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half rotary embedding; x `[T, heads, hd]`, cos/sin `[T, 1, hd]`."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+@dataclass
+class AttnMeta:
+    """Per-forward attention indexing, computed once and shared by every layer."""
+
+    out_slots: Tensor  # [T]
+    block_table: Tensor  # [B, L]
+    mask: Tensor  # [B, 1, Q, L] bool, True = attend
+    q_index: Tensor | None  # [T] row in the padded [B * Q] query layout; None for pure decode
+    batch: int
+    q_max: int
+
+
+def build_attn_meta(batch: ForwardBatch) -> AttnMeta:
+    """Masks and scatter indices for a batch of sequences with `query_lens` new tokens each."""
+    b, l_max = batch.block_table.shape
+    device = batch.block_table.device
+    q_max = max(batch.query_lens)
+    key_pos = torch.arange(l_max, device=device)  # [L]
+    if q_max == 1:
+        mask = key_pos[None, :] < batch.seq_lens[:, None]  # [B, L]
+        return AttnMeta(batch.out_slots, batch.block_table, mask[:, None, None, :], None, b, 1)
+    q_lens = torch.tensor(batch.query_lens, device=device)  # [B]
+    qi = torch.arange(q_max, device=device)  # [Q]
+    q_pos = (batch.seq_lens - q_lens)[:, None] + qi[None, :]  # [B, Q], absolute query positions
+    mask = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, Q, L]
+    mask &= key_pos[None, None, :] < batch.seq_lens[:, None, None]
+    mask |= (qi[None, :] >= q_lens[:, None])[:, :, None] & (key_pos == 0)  # padded queries: any key
+    seq_of_token = torch.repeat_interleave(torch.arange(b, device=device), q_lens)  # [T]
+    starts = torch.cumsum(q_lens, 0) - q_lens  # [B]
+    within = torch.arange(int(q_lens.sum()), device=device) - starts[seq_of_token]  # [T]
+    q_index = seq_of_token * q_max + within  # [T]
+    return AttnMeta(batch.out_slots, batch.block_table, mask[:, None], q_index, b, q_max)
+
+
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttnMeta) -> Tensor:
+    """Attention of the new tokens over each sequence's slots; q `[T, nh, hd]` -> `[T, nh * hd]`."""
+    t, nh, hd = q.shape
+    n_kv = k_cache.shape[1]
+    b, l_max = meta.block_table.shape
+    slots = meta.block_table.reshape(-1)
+    k = k_cache.index_select(0, slots).view(b, l_max, n_kv, hd).transpose(1, 2)  # [B, nkv, L, hd]
+    v = v_cache.index_select(0, slots).view(b, l_max, n_kv, hd).transpose(1, 2)  # [B, nkv, L, hd]
+    if meta.q_index is None:  # decode: one query per sequence; fold the GQA group into Q
+        g = nh // n_kv
+        qd = q.view(b, n_kv, g, hd).to(k.dtype)  # [B, nkv, g, hd]
+        out = F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.mask)  # [B, nkv, g, hd]
+        return out.reshape(t, nh * hd).to(q.dtype)
+    qp = q.new_zeros(b * meta.q_max, nh, hd).index_copy_(0, meta.q_index, q)  # [B*Q, nh, hd]
+    qp = qp.view(b, meta.q_max, nh, hd).transpose(1, 2).to(k.dtype)  # [B, nh, Q, hd]
+    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=meta.mask, enable_gqa=nh != n_kv)
+    out = out.transpose(1, 2).reshape(b * meta.q_max, nh * hd)  # [B*Q, nh*hd]
+    return out.index_select(0, meta.q_index).to(q.dtype)  # [T, nh*hd]
+
+
+class CausalLM(nn.Module):
+    """Decoder stack + output head (LM head, or a score head for reward/classification models)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size, dtype=dtype))
+        self.lm_head: nn.Linear | None = None
+        if config.head_kind == "lm" and not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        self.score_head: nn.Module | None = None
+        h = config.hidden_size
+        if config.head_kind == "seq_cls":
+            self.score_head = nn.Linear(h, config.num_labels, bias=False, dtype=dtype)
+        elif config.head_kind == "internlm2_reward":
+            self.score_head = nn.Linear(h, 1, bias=False, dtype=dtype)
+        elif config.head_kind == "qwen2_reward":
+            self.score_head = nn.Sequential(
+                nn.Linear(h, h, dtype=dtype), nn.ReLU(), nn.Linear(h, 1, dtype=dtype)
+            )
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, hd]
+        return emb.cos()[:, None, :].to(self.dtype), emb.sin()[:, None, :].to(self.dtype)
+
+    @torch.inference_mode()
+    def hidden(self, batch: ForwardBatch, pool: KVPool) -> Tensor:
+        """Final-normed hidden state of each sequence's `logits_index` token: `[B, H]`."""
+        x = self.embed_tokens(batch.input_ids)  # [T, H]
+        cos, sin = self._rope(batch.positions)
+        meta = build_attn_meta(batch)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, pool.k[i], pool.v[i], meta)
+        x = x.index_select(0, batch.logits_index)  # [B, H]
+        return F.rms_norm(x, (x.shape[-1],), self.norm, self.config.rms_norm_eps)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, pool: KVPool) -> Tensor:
+        """Logits `[B, vocab]` in fp32 for each sequence's last new token."""
+        h = self.hidden(batch, pool)
+        weight = self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight
+        return F.linear(h, weight).float()  # [B, V]
+
+    @torch.inference_mode()
+    def score(self, batch: ForwardBatch, pool: KVPool) -> Tensor:
+        """Reward / classification scores `[B, num_labels]` in fp32."""
+        assert self.score_head is not None, "not a reward model"
+        return self.score_head(self.hidden(batch, pool)).float()

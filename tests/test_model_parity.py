@@ -1,0 +1,214 @@
+"""Logit parity of our forward with transformers (tiny random checkpoints) and a numpy InternLM2 reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from runtime.batch import SeqChunk, make_forward_batch
+from runtime.config import CheckpointError
+from runtime.kv_pool import KVPool
+from runtime.model import CausalLM
+from runtime.weights import load_model
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": False}),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "llama3_rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}),
+}
+
+
+def make_hf_checkpoint(tmp: Path, arch: str) -> tuple[Path, torch.nn.Module]:
+    cfg_name, cls_name, extra = ARCHS[arch]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_name)(**TINY, **extra)
+    model = getattr(transformers, cls_name)(cfg).eval()
+    with torch.no_grad():  # make norms non-trivial so a wrong norm weight shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.rand_like(p) * 0.5)
+    folder = tmp / arch
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def run_ours(model: CausalLM, seqs: list[list[int]]) -> list[torch.Tensor]:
+    """Prefill both sequences in one batch; logits at every position of each."""
+    pool = KVPool(model.config, 512, torch.float32)
+    chunks, start = [], 0
+    for s in seqs:
+        chunks.append(SeqChunk(s, 0, list(range(start, start + len(s)))))
+        start += len(s)
+    batch = make_forward_batch(chunks, pool.pad_slot, all_logits=True)
+    logits = model(batch, pool)  # [T, V]
+    return list(logits.split([len(s) for s in seqs]))
+
+
+SEQS = [[5, 17, 88, 3, 250, 9, 41, 77, 13, 2, 61], [100, 7, 7, 300, 19]]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_logits_match_transformers(tmp_path: Path, arch: str) -> None:
+    folder, ref = make_hf_checkpoint(tmp_path, arch)
+    ours = load_model(folder)
+    got = run_ours(ours, SEQS)
+    for s, g in zip(SEQS, got, strict=True):
+        with torch.no_grad():
+            want = ref(torch.tensor([s])).logits[0].float()
+        assert (g - want).abs().max().item() <= 1e-4, arch
+
+
+def test_decode_step_equals_full_recompute(tmp_path: Path) -> None:
+    folder, _ = make_hf_checkpoint(tmp_path, "qwen2")
+    model = load_model(folder)
+    pool = KVPool(model.config, 256, torch.float32)
+    seqs = [[5, 17, 88, 3, 250, 9], [100, 7, 7]]
+    slots = [list(range(0, 40)), list(range(100, 140))]
+    batch = make_forward_batch(
+        [SeqChunk(s, 0, sl[: len(s)]) for s, sl in zip(seqs, slots, strict=True)], pool.pad_slot
+    )
+    nxt = model(batch, pool).argmax(-1).tolist()
+    for _ in range(5):  # decode steps in a batch of two
+        for s, t in zip(seqs, nxt, strict=True):
+            s.append(t)
+        chunks = [SeqChunk(s[-1:], len(s) - 1, sl[: len(s)]) for s, sl in zip(seqs, slots, strict=True)]
+        step_logits = model(make_forward_batch(chunks, pool.pad_slot), pool)
+        fresh = KVPool(model.config, 256, torch.float32)
+        full = make_forward_batch(
+            [SeqChunk(s, 0, list(range(len(s)))) for s in seqs[:1]], fresh.pad_slot
+        )
+        full_logits = model(full, fresh)
+        assert (step_logits[0] - full_logits[0]).abs().max().item() <= 1e-4
+        nxt = step_logits.argmax(-1).tolist()
+
+
+def _rms(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def internlm2_numpy_reference(sd: dict[str, np.ndarray], cfg: dict, ids: list[int]) -> np.ndarray:
+    """An independent InternLM2 forward in float64 numpy, straight from the packed weights."""
+    h, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd, g, eps = h // nh, nh // nkv, cfg["rms_norm_eps"]
+    t = len(ids)
+    x = sd["model.tok_embeddings.weight"][ids].astype(np.float64)
+    inv = 1.0 / (cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd))
+    ang = np.arange(t)[:, None] * inv[None, :]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+    def rope(v: np.ndarray) -> np.ndarray:  # [t, heads, hd]
+        rot = np.concatenate([-v[..., hd // 2 :], v[..., : hd // 2]], -1)
+        return v * cos[:, None] + rot * sin[:, None]
+
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        a = _rms(x, sd[p + "attention_norm.weight"], eps)
+        qkv = (a @ sd[p + "attention.wqkv.weight"].T).reshape(t, nkv, g + 2, hd)
+        q = rope(qkv[:, :, :g].reshape(t, nh, hd))
+        k = rope(qkv[:, :, g])
+        v = qkv[:, :, g + 1]
+        out = np.zeros((t, nh, hd))
+        for head in range(nh):
+            kv = head // g
+            s = q[:, head] @ k[:, kv].T / np.sqrt(hd)
+            s = s + np.triu(np.full((t, t), -np.inf), 1)
+            s = np.exp(s - s.max(-1, keepdims=True))
+            out[:, head] = (s / s.sum(-1, keepdims=True)) @ v[:, kv]
+        x = x + out.reshape(t, h) @ sd[p + "attention.wo.weight"].T
+        f = _rms(x, sd[p + "ffn_norm.weight"], eps)
+        gate, up = f @ sd[p + "feed_forward.w1.weight"].T, f @ sd[p + "feed_forward.w3.weight"].T
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ sd[p + "feed_forward.w2.weight"].T
+    x = _rms(x, sd["model.norm.weight"], eps)
+    return x @ sd["output.weight"].T
+
+
+def test_internlm2_matches_numpy_reference(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    cfg = {
+        "architectures": ["InternLM2ForCausalLM"],
+        "model_type": "internlm2",
+        "vocab_size": 300,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 128,
+        "bias": False,
+        "tie_word_embeddings": False,
+    }
+    h, hd = 64, 8
+    shapes = {"model.tok_embeddings.weight": (300, h), "model.norm.weight": (h,), "output.weight": (300, h)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "attention.wqkv.weight": ((8 + 2 * 2) * hd, h),
+            p + "attention.wo.weight": (h, h),
+            p + "feed_forward.w1.weight": (128, h),
+            p + "feed_forward.w3.weight": (128, h),
+            p + "feed_forward.w2.weight": (h, 128),
+            p + "attention_norm.weight": (h,),
+            p + "ffn_norm.weight": (h,),
+        }
+    sd = {k: (rng.standard_normal(s) * 0.2 + (1.0 if len(s) == 1 else 0.0)).astype(np.float32) for k, s in shapes.items()}
+    folder = tmp_path / "internlm2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file({k: torch.from_numpy(v) for k, v in sd.items()}, str(folder / "model.safetensors"))
+    model = load_model(folder)
+    got = run_ours(model, SEQS_I := [[5, 17, 88, 3, 250, 9, 41], [100, 7, 7, 200]])
+    for s, g in zip(SEQS_I, got, strict=True):
+        want = internlm2_numpy_reference(sd, cfg, s)
+        assert np.abs(g.numpy() - want).max() <= 1e-4
+
+
+def test_bad_checkpoints_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(CheckpointError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        load_model(tmp_path)
+    folder, _ = make_hf_checkpoint(tmp_path, "llama")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["hidden_size"] = 32
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_model(folder)
+    (folder / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(folder)
