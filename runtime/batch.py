@@ -16,7 +16,8 @@ class SeqChunk:
 
     new_ids: Sequence[int]
     start_pos: int  # tokens already in the KV pool for this sequence
-    slots: Sequence[int]  # KV slots of all its tokens, cached and new (len = start_pos + len(new_ids))
+    slots: Sequence[int]  # KV slots of all its tokens, cached and new (len >= start_pos + len(new_ids))
+    want_logits: bool = True  # False for a prefill chunk that is not the prompt's last
 
 
 def make_forward_batch(
@@ -32,25 +33,32 @@ def make_forward_batch(
     out_slots: list[int] = []
     q_lens: list[int] = []
     seq_lens: list[int] = []
-    last: list[int] = []
-    l_max = block_len or max(len(c.slots) for c in chunks)
-    table = torch.full((len(chunks), l_max), pad_slot, dtype=torch.int64)
-    for b, c in enumerate(chunks):
+    rows: list[int] = []
+    l_max = block_len or max(c.start_pos + len(c.new_ids) for c in chunks)
+    table: list[list[int]] = []
+    for c in chunks:
         n = len(c.new_ids)
+        end = c.start_pos + n
         ids.extend(c.new_ids)
-        pos.extend(range(c.start_pos, c.start_pos + n))
-        out_slots.extend(c.slots[c.start_pos : c.start_pos + n])
+        pos.extend(range(c.start_pos, end))
+        out_slots.extend(c.slots[c.start_pos : end])
         q_lens.append(n)
-        seq_lens.append(c.start_pos + n)
-        last.append(len(ids) - 1)
-        table[b, : len(c.slots)] = torch.as_tensor(c.slots, dtype=torch.int64)
-    logits_index = list(range(len(ids))) if all_logits else last
+        seq_lens.append(end)
+        if all_logits:
+            rows.extend(range(len(ids) - n, len(ids)))
+        elif c.want_logits:
+            rows.append(len(ids) - 1)
+        table.append(list(c.slots[:end]) + [pad_slot] * (l_max - end))
+
+    def t(values: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
     return ForwardBatch(
-        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(pos, dtype=torch.int64, device=device),
-        out_slots=torch.tensor(out_slots, dtype=torch.int64, device=device),
-        block_table=table.to(device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=device),
+        input_ids=t(ids),  # [T]
+        positions=t(pos),  # [T]
+        out_slots=t(out_slots),  # [T]
+        block_table=t(table),  # [B, L]
+        seq_lens=t(seq_lens),  # [B]
         query_lens=q_lens,
-        logits_index=torch.tensor(logits_index, dtype=torch.int64, device=device),
+        logits_index=t(rows),  # [B'] rows that get logits
     )

@@ -99,57 +99,94 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 @dataclass
+class AttnGroup:
+    """Sequences attended together: decodes (one query each) or prefill chunks (padded queries)."""
+
+    block_table: Tensor  # [b, L]
+    mask: Tensor  # [b, 1, Q, L] bool, True = attend
+    q_index: Tensor | None  # [t] row in the padded [b * Q] query layout; None for decodes
+    q_max: int
+
+
+@dataclass
 class AttnMeta:
     """Per-forward attention indexing, computed once and shared by every layer."""
 
     out_slots: Tensor  # [T]
-    block_table: Tensor  # [B, L]
-    mask: Tensor  # [B, 1, Q, L] bool, True = attend
-    q_index: Tensor | None  # [T] row in the padded [B * Q] query layout; None for pure decode
-    batch: int
-    q_max: int
+    num_decode_tokens: int  # the leading sequences with one new token each
+    decode: AttnGroup | None
+    prefill: AttnGroup | None
 
 
 def build_attn_meta(batch: ForwardBatch) -> AttnMeta:
-    """Masks and scatter indices for a batch of sequences with `query_lens` new tokens each."""
-    b, l_max = batch.block_table.shape
-    device = batch.block_table.device
-    q_max = max(batch.query_lens)
+    """Split the batch into its leading decode sequences and the prefill chunks after them."""
+    n_dec = 0
+    while n_dec < len(batch.query_lens) and batch.query_lens[n_dec] == 1:
+        n_dec += 1
+    if n_dec == len(batch.query_lens):
+        return AttnMeta(batch.out_slots, n_dec, _decode_group(batch.block_table, batch.seq_lens), None)
+    dec = _decode_group(batch.block_table[:n_dec], batch.seq_lens[:n_dec]) if n_dec else None
+    pre = _prefill_group(batch.block_table[n_dec:], batch.seq_lens[n_dec:], batch.query_lens[n_dec:])
+    return AttnMeta(batch.out_slots, n_dec, dec, pre)
+
+
+def _decode_group(table: Tensor, seq_lens: Tensor) -> AttnGroup:
+    key_pos = torch.arange(table.shape[1], device=table.device)  # [L]
+    mask = key_pos[None, :] < seq_lens[:, None]  # [b, L]
+    return AttnGroup(table, mask[:, None, None, :], None, 1)
+
+
+def _prefill_group(table: Tensor, seq_lens: Tensor, query_lens: list[int]) -> AttnGroup:
+    device = table.device
+    b, l_max = table.shape
+    q_max = max(query_lens)
     key_pos = torch.arange(l_max, device=device)  # [L]
-    if q_max == 1:
-        mask = key_pos[None, :] < batch.seq_lens[:, None]  # [B, L]
-        return AttnMeta(batch.out_slots, batch.block_table, mask[:, None, None, :], None, b, 1)
-    q_lens = torch.tensor(batch.query_lens, device=device)  # [B]
+    q_lens = torch.tensor(query_lens, device=device)  # [b]
     qi = torch.arange(q_max, device=device)  # [Q]
-    q_pos = (batch.seq_lens - q_lens)[:, None] + qi[None, :]  # [B, Q], absolute query positions
-    mask = key_pos[None, None, :] <= q_pos[:, :, None]  # [B, Q, L]
-    mask &= key_pos[None, None, :] < batch.seq_lens[:, None, None]
+    q_pos = (seq_lens - q_lens)[:, None] + qi[None, :]  # [b, Q], absolute query positions
+    mask = key_pos[None, None, :] <= q_pos[:, :, None]  # [b, Q, L]
+    mask &= key_pos[None, None, :] < seq_lens[:, None, None]
     mask |= (qi[None, :] >= q_lens[:, None])[:, :, None] & (key_pos == 0)  # padded queries: any key
-    seq_of_token = torch.repeat_interleave(torch.arange(b, device=device), q_lens)  # [T]
-    starts = torch.cumsum(q_lens, 0) - q_lens  # [B]
-    within = torch.arange(int(q_lens.sum()), device=device) - starts[seq_of_token]  # [T]
-    q_index = seq_of_token * q_max + within  # [T]
-    return AttnMeta(batch.out_slots, batch.block_table, mask[:, None], q_index, b, q_max)
+    seq_of_token = torch.repeat_interleave(torch.arange(b, device=device), q_lens)  # [t]
+    starts = torch.cumsum(q_lens, 0) - q_lens  # [b]
+    within = torch.arange(sum(query_lens), device=device) - starts[seq_of_token]  # [t]
+    return AttnGroup(table, mask[:, None], seq_of_token * q_max + within, q_max)
+
+
+def _gather_kv(cache: Tensor, table: Tensor) -> Tensor:
+    b, l_max = table.shape
+    out = cache.index_select(0, table.reshape(-1)).view(b, l_max, cache.shape[1], cache.shape[2])
+    return out.transpose(1, 2)  # [b, nkv, L, hd]
+
+
+def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, grp: AttnGroup) -> Tensor:
+    """q `[t, nh, hd]` of one group -> `[t, nh * hd]`."""
+    t, nh, hd = q.shape
+    n_kv = k_cache.shape[1]
+    b = grp.block_table.shape[0]
+    k = _gather_kv(k_cache, grp.block_table)  # [b, nkv, L, hd]
+    v = _gather_kv(v_cache, grp.block_table)  # [b, nkv, L, hd]
+    if grp.q_index is None:  # decode: fold the GQA group into the query axis
+        qd = q.view(b, n_kv, nh // n_kv, hd).to(k.dtype)  # [b, nkv, g, hd]
+        out = F.scaled_dot_product_attention(qd, k, v, attn_mask=grp.mask)  # [b, nkv, g, hd]
+        return out.reshape(t, nh * hd).to(q.dtype)
+    qp = q.new_zeros(b * grp.q_max, nh, hd).index_copy_(0, grp.q_index, q)  # [b*Q, nh, hd]
+    qp = qp.view(b, grp.q_max, nh, hd).transpose(1, 2).to(k.dtype)  # [b, nh, Q, hd]
+    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=grp.mask, enable_gqa=nh != n_kv)
+    out = out.transpose(1, 2).reshape(b * grp.q_max, nh * hd)  # [b*Q, nh*hd]
+    return out.index_select(0, grp.q_index).to(q.dtype)  # [t, nh*hd]
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttnMeta) -> Tensor:
     """Attention of the new tokens over each sequence's slots; q `[T, nh, hd]` -> `[T, nh * hd]`."""
-    t, nh, hd = q.shape
-    n_kv = k_cache.shape[1]
-    b, l_max = meta.block_table.shape
-    slots = meta.block_table.reshape(-1)
-    k = k_cache.index_select(0, slots).view(b, l_max, n_kv, hd).transpose(1, 2)  # [B, nkv, L, hd]
-    v = v_cache.index_select(0, slots).view(b, l_max, n_kv, hd).transpose(1, 2)  # [B, nkv, L, hd]
-    if meta.q_index is None:  # decode: one query per sequence; fold the GQA group into Q
-        g = nh // n_kv
-        qd = q.view(b, n_kv, g, hd).to(k.dtype)  # [B, nkv, g, hd]
-        out = F.scaled_dot_product_attention(qd, k, v, attn_mask=meta.mask)  # [B, nkv, g, hd]
-        return out.reshape(t, nh * hd).to(q.dtype)
-    qp = q.new_zeros(b * meta.q_max, nh, hd).index_copy_(0, meta.q_index, q)  # [B*Q, nh, hd]
-    qp = qp.view(b, meta.q_max, nh, hd).transpose(1, 2).to(k.dtype)  # [B, nh, Q, hd]
-    out = F.scaled_dot_product_attention(qp, k, v, attn_mask=meta.mask, enable_gqa=nh != n_kv)
-    out = out.transpose(1, 2).reshape(b * meta.q_max, nh * hd)  # [B*Q, nh*hd]
-    return out.index_select(0, meta.q_index).to(q.dtype)  # [T, nh*hd]
+    n = meta.num_decode_tokens
+    if meta.prefill is None:
+        assert meta.decode is not None
+        return _attend(q, k_cache, v_cache, meta.decode)
+    pre = _attend(q[n:], k_cache, v_cache, meta.prefill)
+    if meta.decode is None:
+        return pre
+    return torch.cat([_attend(q[:n], k_cache, v_cache, meta.decode), pre], 0)
 
 
 class CausalLM(nn.Module):
@@ -194,14 +231,21 @@ class CausalLM(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.norm, self.config.rms_norm_eps)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, pool: KVPool) -> Tensor:
-        """Logits `[B, vocab]` in fp32 for each sequence's last new token."""
-        h = self.hidden(batch, pool)
+    def logits_from_hidden(self, h: Tensor) -> Tensor:
+        """LM head: `[B, H]` -> `[B, vocab]` fp32."""
         weight = self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight
-        return F.linear(h, weight).float()  # [B, V]
+        return F.linear(h, weight).float()
 
     @torch.inference_mode()
+    def score_from_hidden(self, h: Tensor) -> Tensor:
+        """Reward / classification head: `[B, H]` -> `[B, num_labels]` fp32."""
+        assert self.score_head is not None, "not a reward model"
+        return self.score_head(h).float()
+
+    def forward(self, batch: ForwardBatch, pool: KVPool) -> Tensor:
+        """Logits `[B, vocab]` in fp32 for each sequence's last new token."""
+        return self.logits_from_hidden(self.hidden(batch, pool))
+
     def score(self, batch: ForwardBatch, pool: KVPool) -> Tensor:
         """Reward / classification scores `[B, num_labels]` in fp32."""
-        assert self.score_head is not None, "not a reward model"
-        return self.score_head(self.hidden(batch, pool)).float()
+        return self.score_from_hidden(self.hidden(batch, pool))
