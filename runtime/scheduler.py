@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from runtime.engine_api import LoadFigures
-from runtime.kv_pool import SlotAllocator
+from runtime.slots import SlotAllocator
 
 
 class SeqStatus(enum.Enum):

@@ -1,0 +1,1 @@
+"""nurserve runtime: model code, KV pool, scheduler, sampler and engine."""
