@@ -116,7 +116,8 @@ class ModelConfig:
             qkv_bias=qkv_bias,
             o_bias=qkv_bias and family != "qwen2",  # Qwen2 has q/k/v bias only
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            num_labels=int(cfg.get("num_labels", 1) or 1),
+            # transformers saves id2label, not num_labels, in config.json
+            num_labels=int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 1),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=cfg.get("pad_token_id"),
