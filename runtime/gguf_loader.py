@@ -47,7 +47,7 @@ _LLAMA3_SPLIT = (
 _PRE_DIGITS = {"smollm", "starcoder", "refact"}  # Digits(individual) + GPT-2 ByteLevel regex
 _PRE_GPT2 = {"default", "gpt-2", "gpt2"}  # GPT-2 ByteLevel regex only
 _PRE_LLAMA3 = {"llama-bpe", "llama3", "llama-v3", "smaug-bpe"}  # Llama 3 split regex
-_CONTROL, _USER_DEFINED = 3, 4
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4  # tokenizer.ggml.token_type values
 
 
 @dataclass
@@ -139,25 +139,22 @@ def _rope_scaling(
         raise ValueError(f"{path}: unsupported rope scaling type {kind!r}")
     if rope_freqs is None:
         return None
-    # llama.cpp stores Llama 3 rope scaling as per-frequency factors; fit the standard parameters.
+    # llama.cpp stores Llama 3 rope scaling as per-frequency factors: fit Llama 3.x's parameters.
     factors = np.asarray(rope_freqs, dtype=np.float64).reshape(-1)
-    cand = {"factor": float(factors.max()), "low_freq_factor": 1.0, "high_freq_factor": 4.0}
-    cand["original_max_position_embeddings"] = 8192
-    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    lo_wl, hi_wl = 8192 / cand["low_freq_factor"], 8192 / cand["high_freq_factor"]
-    expect = []
-    for f in freqs:
-        wl = 2 * math.pi / f
-        if wl < hi_wl:
-            expect.append(1.0)
-        elif wl > lo_wl:
-            expect.append(cand["factor"])
-        else:
-            s = (8192 / wl - 1.0) / (4.0 - 1.0)
-            expect.append(1 / ((1 - s) / cand["factor"] + s))
-    if len(expect) != len(factors) or not np.allclose(expect, factors, rtol=1e-4):
+    factor, low, high, orig = float(factors.max()), 1.0, 4.0, 8192
+    wavelen = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    smooth = (orig / wavelen - low) / (high - low)
+    expect = np.where(wavelen < orig / high, 1.0, 1 / ((1 - smooth) / factor + smooth))
+    expect = np.where(wavelen > orig / low, factor, expect)
+    if expect.shape != factors.shape or not np.allclose(expect, factors, rtol=1e-4):
         raise ValueError(f"{path}: rope_freqs.weight does not match Llama 3 rope scaling")
-    return {"rope_type": "llama3", **cand}
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": orig,
+    }
 
 
 def _build_config(meta: dict[str, Any], n_vocab: int, tied: bool, path: Path) -> dict[str, Any]:
@@ -166,8 +163,8 @@ def _build_config(meta: dict[str, Any], n_vocab: int, tied: bool, path: Path) ->
         raise ValueError(f"{path}: unsupported GGUF architecture {arch!r} (supported: 'llama')")
     hidden = int(_req(meta, "llama.embedding_length", path))
     n_head = _req(meta, "llama.attention.head_count", path)
-    if not isinstance(n_head, int):
-        raise ValueError(f"{path}: per-layer head counts are not supported")
+    if not isinstance(n_head, int) or n_head <= 0:
+        raise ValueError(f"{path}: unsupported llama.attention.head_count {n_head!r}")
     n_kv = int(meta.get("llama.attention.head_count_kv", n_head))
     head_dim = int(meta.get("llama.attention.key_length", hidden // n_head))
     cfg: dict[str, Any] = {
@@ -193,12 +190,14 @@ def _build_config(meta: dict[str, Any], n_vocab: int, tied: bool, path: Path) ->
 
 
 def _special_ids(meta: dict[str, Any]) -> dict[str, int]:
+    """Special token ids the file names (ids outside the vocabulary are ignored)."""
+    n = len(meta.get("tokenizer.ggml.tokens") or ())
     keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id"}
     keys |= {"pad": "padding_token_id", "eot": "eot_token_id", "eom": "eom_token_id"}
     return {
         k: int(meta[f"tokenizer.ggml.{v}"])
         for k, v in keys.items()
-        if f"tokenizer.ggml.{v}" in meta
+        if 0 <= int(meta.get(f"tokenizer.ggml.{v}", -1)) < n
     }
 
 
@@ -272,7 +271,7 @@ def _build_tokenizer(meta: dict[str, Any], path: Path) -> tuple[Any, bool, bool]
         raise ValueError(
             f"{path}: unsupported tokenizer.ggml.model {kind!r} (supported: gpt2, llama)"
         )
-    special = [t for t, ty in zip(tokens, types, strict=False) if ty == _CONTROL]
+    special = [t for t, ty in zip(tokens, types, strict=False) if ty in (_UNKNOWN, _CONTROL)]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     user = [t for t, ty in zip(tokens, types, strict=False) if ty == _USER_DEFINED]
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])

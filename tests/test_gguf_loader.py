@@ -39,6 +39,8 @@ def _byte_alphabet() -> list[str]:
 
 TOKENS = SPECIALS + _byte_alphabet() + ["Ġt", "he", "Ġthe", "ll", "llo"]
 VOCAB = len(TOKENS)
+SPM_PIECES = ["\u2581", "t", "h", "e", "l", "o", "\u2581t", "he", "\u2581the", "ll", "llo"]
+SPM_TOKENS = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES
 
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -118,6 +120,7 @@ def write_gguf(
     arch: str = "llama",
     quantize: tuple[str, ...] = (),
     rope_freqs: np.ndarray | None = None,
+    spm: bool = False,
 ) -> dict[str, np.ndarray]:
     """Write `sd` as llama.cpp would; return the fp32 values the loader must give back."""
     w = gguf.GGUFWriter(str(path), arch)
@@ -129,14 +132,21 @@ def write_gguf(
     w.add_head_count_kv(N_KV)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_freq_base(THETA)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(TOKENS)
-    w.add_token_types([3] * len(SPECIALS) + [1] * (VOCAB - len(SPECIALS)))
-    w.add_token_merges(MERGES)
+    if spm:  # sentencepiece: byte-fallback tokens, scores, no merges, BOS by default
+        w.add_tokenizer_model("llama")
+        w.add_token_list(SPM_TOKENS)
+        w.add_token_types([2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES))
+        w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))])
+        w.add_unk_token_id(0)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(TOKENS)
+        w.add_token_types([3] * len(SPECIALS) + [1] * (VOCAB - len(SPECIALS)))
+        w.add_token_merges(MERGES)
+        w.add_add_bos_token(False)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
     w.add_chat_template(TEMPLATE)
     expected = {}
     for name, arr in sd.items():
@@ -237,6 +247,26 @@ def test_tokenizer_and_folder(tmp_path: Path) -> None:
     assert tok.eos_ids == [2] and tok.bos_id == 1 and tok.is_special(2) and not tok.is_special(40)
 
 
+def test_sentencepiece_tokenizer(tmp_path: Path) -> None:
+    write_gguf(tmp_path / "s.gguf", hf_state_dict(tied=True), spm=True)
+    load_gguf(tmp_path / "s.gguf").save(tmp_path / "hf")
+    tok = Tokenizer.from_dir(tmp_path / "hf")
+    ids = tok.encode("the hello")
+    assert ids[:2] == [1, SPM_TOKENS.index("\u2581the")]  # BOS, then merges "\u2581t" + "he"
+    assert SPM_TOKENS.index("llo") in ids
+    assert tok.convert_ids_to_tokens(tok.encode("é", add_special_tokens=False)) == [
+        "\u2581",
+        "<0xC3>",
+        "<0xA9>",
+    ]  # byte fallback
+    # llama.cpp adds the space prefix to every text run, even one starting with a space.
+    assert tok.encode(" the", add_special_tokens=False)[0] == SPM_TOKENS.index("\u2581")
+    for text in ["the hello", " the  lot", "héllo 你 🙂\nok"]:
+        assert tok.decode(tok.encode(text)) == text
+    assert tok.eos_ids == [2] and tok.bos_id == 1 and tok.is_special(1) and tok.is_special(0)
+    assert not tok.is_special(SPM_TOKENS.index("he"))
+
+
 def test_missing_file(tmp_path: Path) -> None:
     p = tmp_path / "nope.gguf"
     with pytest.raises(ValueError, match="nope.gguf"):
@@ -262,3 +292,57 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
     write_gguf(tmp_path / "other.gguf", hf_state_dict(tied=True), arch="mamba")
     with pytest.raises(ValueError, match=r"other\.gguf.*architecture 'mamba'"):
         load_gguf(tmp_path / "other.gguf")
+
+
+def test_default_model_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One conversion for concurrent callers; temp dir + rename; stale folders rebuilt."""
+    import threading
+
+    from runtime import default_model as dm
+    from runtime import gguf_loader
+
+    src = tmp_path / "src.gguf"
+    write_gguf(src, hf_state_dict(tied=True))
+    calls: list[int] = []
+    real_load = gguf_loader.load_gguf
+
+    def counting_load(path: Path, *, progress: bool = False) -> Any:
+        calls.append(1)
+        return real_load(path, progress=progress)
+
+    monkeypatch.setenv("NURSERVE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(dm, "_installed_gguf", lambda: src)
+    monkeypatch.setattr(dm, "_check_sha256", lambda p: None)
+    monkeypatch.setattr(gguf_loader, "load_gguf", counting_load)
+    results: list[Path] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(dm.default_model_dir(False)))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    target = tmp_path / "cache" / dm.FOLDER_NAME
+    assert results == [target] * 3 and len(calls) == 1
+    assert (target / ".complete").read_text() == dm.MARKER_TEXT
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [
+        f".{dm.FOLDER_NAME}.lock",
+        dm.FOLDER_NAME,
+    ]
+    assert Tokenizer.from_dir(target).eos_ids == [2]
+
+    (target / ".complete").write_text("nurserve-gguf-v0\n")  # an older conversion: rebuilt
+    (tmp_path / "cache" / f".{dm.FOLDER_NAME}.tmp-crashed").mkdir()  # a crashed run's leftovers
+    assert dm.default_model_dir(False) == target and len(calls) == 2
+    assert (target / ".complete").read_text() == dm.MARKER_TEXT
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+    def broken(path: Path, *, progress: bool = False) -> Any:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(gguf_loader, "load_gguf", broken)
+    monkeypatch.setenv("NURSERVE_CACHE", str(tmp_path / "cache2"))
+    with pytest.raises(ValueError, match="boom"):
+        dm.default_model_dir(False)
+    assert [p.name for p in (tmp_path / "cache2").iterdir()] == [f".{dm.FOLDER_NAME}.lock"]
