@@ -190,10 +190,12 @@ def _load_score_head(model: CausalLM, sd: dict[str, Tensor], source: str) -> Non
         head.weight.copy_(_take(sd, "score.weight", (1, h), source))
     elif cfg.head_kind == "qwen2_reward":
         assert isinstance(head, torch.nn.Sequential)
-        head[0].weight.copy_(_take(sd, "score.0.weight", (h, h), source))
-        head[0].bias.copy_(_take(sd, "score.0.bias", (h,), source))
-        head[2].weight.copy_(_take(sd, "score.2.weight", (1, h), source))
-        head[2].bias.copy_(_take(sd, "score.2.bias", (1,), source))
+        l1, l2 = head[0], head[2]
+        assert isinstance(l1, torch.nn.Linear) and isinstance(l2, torch.nn.Linear)
+        l1.weight.copy_(_take(sd, "score.0.weight", (h, h), source))
+        l1.bias.copy_(_take(sd, "score.0.bias", (h,), source))
+        l2.weight.copy_(_take(sd, "score.2.weight", (1, h), source))
+        l2.bias.copy_(_take(sd, "score.2.bias", (1,), source))
 
 
 def load_model(
