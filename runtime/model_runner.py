@@ -15,6 +15,7 @@ from runtime.batch import SeqChunk, make_forward_batch
 from runtime.config import CheckpointError
 from runtime.engine_api import ModelInfo
 from runtime.engine_args import EngineArgs
+from runtime.graph_runner import GraphRunner
 from runtime.kv_pool import KVPool
 from runtime.model import CausalLM, ForwardBatch
 from runtime.scheduler import SchedulerConfig, StepPlan
@@ -35,6 +36,7 @@ class ModelRunner:
     batch_max_tokens: int
     eos_ids: list[int]
     generation_defaults: dict[str, object]
+    graphs: GraphRunner | None = None
 
     @property
     def is_reward_model(self) -> bool:
@@ -50,7 +52,10 @@ class ModelRunner:
 
     def forward(self, plan: StepPlan) -> Tensor:
         """Final-normed hidden rows `[B', H]` of the chunks that sample."""
-        return self.model.hidden(self.prepare(plan), self.pool)
+        batch = self.prepare(plan)
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
+        return self.model.hidden(batch, self.pool)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.model.logits_from_hidden(hidden)  # [B', V] fp32
@@ -146,6 +151,16 @@ def load_runner(args: EngineArgs) -> tuple[ModelRunner, Tokenizer]:
     )
     if os.environ.get("NURSERVE_NO_WARMUP") is None:
         warmup(runner)
+    if device.type == "cuda" and not args.disable_cudagraph:
+        runner.graphs = GraphRunner(
+            model,
+            pool,
+            min(args.graph_max_batch_size, args.running_max_req_size),
+            min(args.graph_max_len_in_batch or max_len, max_len),
+            enabled=True,
+            device=device,
+        )
+        runner.graphs.capture()
     return runner, tokenizer
 
 
