@@ -1,0 +1,185 @@
+"""Offline throughput: our engine vs transformers' `generate`, in one process and one run.
+
+64 requests of 128 prompt tokens and 128 output tokens (ignore_eos, greedy) on the default model:
+- nurserve: every request submitted at once to the engine (continuous batching);
+- transformers: one request at a time, and static batches of 8 and 32.
+Prints tokens/s and the ratios; `--json` writes them. Check that nothing else runs on the machine:
+the script reports the CPU time other processes used during each phase.
+
+    python profiling/bench_offline.py [--requests 64] [--hf-serial-requests 64] [--data_type fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+TEMPLATE = (
+    "Request {n:04d}. The following is a report about the history of the city library. The "
+    "library was founded years ago by a group of local teachers who wanted every child in town to "
+    "have access to books. Over time it grew from a single room into a large building. "
+)
+
+
+class OtherLoad:
+    """CPU cores used by processes other than this one, from /proc (Linux)."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.total0, self.self0 = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float]:
+        try:
+            with open("/proc/stat") as f:
+                cpu = [int(x) for x in f.readline().split()[1:]]
+            busy = sum(cpu) - cpu[3] - cpu[4]  # minus idle and iowait
+            with open("/proc/self/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            own = int(fields[11]) + int(fields[12])  # utime + stime, all threads
+            return busy / os.sysconf("SC_CLK_TCK"), own / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            return 0.0, 0.0
+
+    def cores(self) -> float:
+        total, own = self._read()
+        wall = time.perf_counter() - self.t0
+        return max(0.0, (total - self.total0) - (own - self.self0)) / max(wall, 1e-9)
+
+
+@dataclass
+class Result:
+    name: str
+    requests: int
+    output_tokens: int
+    seconds: float
+    other_load_cores: float
+
+    @property
+    def tok_s(self) -> float:
+        return self.output_tokens / self.seconds
+
+
+def make_prompts(tokenizer_encode: Callable[[str], list[int]], n: int, prompt_len: int) -> list[list[int]]:
+    prompts = []
+    for i in range(n):
+        ids = tokenizer_encode(TEMPLATE.format(n=i) * 4)
+        assert len(ids) >= prompt_len, "template too short"
+        prompts.append(ids[:prompt_len])
+    return prompts
+
+
+def run_engine(args: argparse.Namespace, prompts: list[list[int]]) -> Result:
+    from runtime.engine import EngineCore
+    from runtime.engine_args import EngineArgs
+    from runtime.model_runner import load_runner
+    from runtime.sampling_params import SamplingParams
+
+    eargs = EngineArgs(
+        data_type=args.data_type,
+        max_total_token_num=len(prompts) * (args.prompt_len + args.output_len + 8),
+        running_max_req_size=len(prompts),
+        batch_max_tokens=args.batch_max_tokens,
+        num_threads=args.threads,
+    )
+    runner, tokenizer = load_runner(eargs)
+    core = EngineCore(runner, tokenizer, eargs)
+    params = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True)
+    warm = core.new_request(0, prompts[0][:16], SamplingParams(max_new_tokens=4, ignore_eos=True), False)
+    core.submit(warm)
+    while not warm.done:
+        core.step()
+    reqs = [core.new_request(i + 1, p, params, score=False) for i, p in enumerate(prompts)]
+    load = OtherLoad()
+    t0 = time.perf_counter()
+    for r in reqs:
+        core.submit(r)
+    n_tokens = 0
+    while not all(r.done for r in reqs):
+        n_tokens += len(core.step())
+    seconds = time.perf_counter() - t0
+    return Result("nurserve engine (continuous batching)", len(reqs), n_tokens, seconds, load.cores())
+
+
+def run_hf(args: argparse.Namespace, prompts: list[list[int]], batch: int, n_requests: int) -> Result:
+    import transformers
+
+    from runtime.default_model import default_model_dir
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.data_type or "fp32"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=dtype).eval()
+    gen = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False)
+    with torch.no_grad():  # warm-up
+        model.generate(torch.tensor([prompts[0][:16]]), max_new_tokens=4, do_sample=False)
+    load = OtherLoad()
+    t0 = time.perf_counter()
+    n_tokens = 0
+    with torch.no_grad():
+        for i in range(0, n_requests, batch):
+            ids = torch.tensor(prompts[i : i + batch])  # [b, prompt_len], equal lengths: no padding
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **gen)
+            n_tokens += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    seconds = time.perf_counter() - t0
+    name = "transformers one at a time" if batch == 1 else f"transformers static batch {batch}"
+    return Result(name, n_requests, n_tokens, seconds, load.cores())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--hf-serial-requests", type=int, default=64, help="requests for the one-at-a-time baseline")
+    ap.add_argument("--hf-batches", type=int, nargs="*", default=[8, 32])
+    ap.add_argument("--data_type", default=None, help="fp32 (CPU default) or bf16, for both sides")
+    ap.add_argument("--batch-max-tokens", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from runtime.default_model import default_model_dir
+    from runtime.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_dir(default_model_dir())
+    prompts = make_prompts(lambda s: tok.encode(s), args.requests, args.prompt_len)
+    results = [run_engine(args, prompts)]
+    print(f"{results[0].name}: {results[0].tok_s:.1f} tok/s", flush=True)
+    if not args.skip_hf:
+        for b in args.hf_batches:
+            results.append(run_hf(args, prompts, b, args.requests))
+            print(f"{results[-1].name}: {results[-1].tok_s:.1f} tok/s", flush=True)
+        results.append(run_hf(args, prompts, 1, min(args.hf_serial_requests, args.requests)))
+        print(f"{results[-1].name}: {results[-1].tok_s:.1f} tok/s", flush=True)
+    ours = results[0].tok_s
+    print(f"\n{'system':42s} {'reqs':>5s} {'tokens':>7s} {'s':>8s} {'tok/s':>8s} {'ours/x':>7s} {'other load':>10s}")
+    for r in results:
+        print(
+            f"{r.name:42s} {r.requests:5d} {r.output_tokens:7d} {r.seconds:8.1f} {r.tok_s:8.1f} "
+            f"{ours / r.tok_s:7.2f} {r.other_load_cores:8.2f} c"
+        )
+    quiet = all(r.other_load_cores < 0.1 for r in results)
+    print(f"\nmachine quiet during the run: {'yes' if quiet else 'NO'} (other processes' CPU per phase above)")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, dtype {args.data_type or 'fp32'}")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"results": [asdict(r) | {"tok_s": r.tok_s} for r in results], "quiet": quiet, "args": vars(args)},
+                default=str,
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
