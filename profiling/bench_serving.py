@@ -919,6 +919,7 @@ def make_plots(
         ax.legend()
         if not open_loop:
             ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
         fig.tight_layout()
         path = plot_dir / "throughput_vs_load.png"
         fig.savefig(path, dpi=110)
@@ -935,6 +936,7 @@ def make_plots(
         ax.legend()
         if not open_loop:
             ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(x) for x in xs])
         fig.tight_layout()
         path = plot_dir / "ttft_vs_load.png"
         fig.savefig(path, dpi=110)

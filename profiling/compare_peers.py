@@ -377,6 +377,8 @@ def plot(servers: Sequence[dict[str, Any]], plot_dir: Path) -> str:
                     label=DISPLAY[s["name"]],
                 )
         ax.set_xscale("log", base=2)
+        levels = sorted({r["concurrency"] for s in servers for r in s["runs"]})
+        ax.set_xticks(levels, [str(c) for c in levels])
         ax.set_xlabel("concurrency")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
