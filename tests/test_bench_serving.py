@@ -265,6 +265,41 @@ async def test_openai_backend_llama_timings_and_fallback() -> None:
     assert res.ok and res.output_tokens == 1 and not res.tokens_from_server
 
 
+async def test_run_level_closed_and_open_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import trio
+
+    active = peak = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await trio.sleep(0.02)
+        active -= 1
+        body = b"".join(_native_event(i, "x", i == 3) for i in (1, 2, 3))
+        return httpx.Response(200, content=body)
+
+    monkeypatch.setattr(
+        bs, "_client", lambda args, n: httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    )
+    args = _args(backend="nurserve", base_url="http://x", endpoint=None, seed=0, burstiness=1.0)
+    prompts = [f"p{i}" for i in range(10)]
+    results, duration, observed = await bs.run_level(
+        args, bs.Level(10, concurrency=3), prompts, None
+    )
+    assert sorted(r.index for r in results) == list(range(10)) and all(r.ok for r in results)
+    assert observed == 3 and peak == 3 and duration > 0
+    peak = 0
+    level = bs.Level(10, request_rate=float("inf"), max_concurrency=4)
+    results, _, observed = await bs.run_level(args, level, prompts, None)
+    assert len(results) == 10 and all(r.ok for r in results) and peak == 4
+    peak = 0
+    args.burstiness = 0.5
+    results, duration, _ = await bs.run_level(args, bs.Level(5, request_rate=50.0), prompts, None)
+    assert len(results) == 5 and all(r.ok for r in results)
+    assert [r.output_tokens for r in results] == [3] * 5
+
+
 # --------------------------------------------------------------------------------------------
 # machine info, quietness, plots
 
