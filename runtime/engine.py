@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -60,6 +61,23 @@ class SeqState:
     stop: StopMatcher | None
 
 
+class PhaseTimer:
+    """Accumulated wall time per step phase (`lap(name)` charges the time since the last lap)."""
+
+    def __init__(self) -> None:
+        self.totals_s: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.totals_s[phase] = self.totals_s.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def reset(self) -> None:
+        self.totals_s.clear()
+        self._last = time.perf_counter()
+
+
 class EngineCore:
     """Synchronous engine: submissions and aborts go through a locked inbox drained at each step."""
 
@@ -74,6 +92,7 @@ class EngineCore:
         self._lock = Lock()
         self._seq_ids = itertools.count()
         self._steps = 0
+        self.timer = PhaseTimer()
         self.load_figures = self.scheduler.load()
         fault = args.fault_inject_step or os.environ.get("NURSERVE_FAULT_INJECT_STEP")
         self._fault_step = int(fault) if fault else None
@@ -111,16 +130,22 @@ class EngineCore:
     def step(self) -> list[tuple[Request, Event]]:
         """schedule -> plan -> forward -> sample -> update; returns the events to deliver."""
         events: list[tuple[Request, Event]] = []
+        clock = self.timer
         self._drain_inbox()
         plan = self.scheduler.schedule()
+        clock.lap("schedule")
         if not plan.empty:
             self._steps += 1
             if self._fault_step is not None and self._steps >= self._fault_step:
                 raise RuntimeError(f"fault injected at engine step {self._steps}")
-            hidden = self.runner.forward(plan)  # [B', H] rows of the chunks that sample
+            batch = self.runner.prepare(plan)
+            clock.lap("prepare")
+            hidden = self.runner.run(batch)  # [B', H] rows of the chunks that sample
+            clock.lap("forward")
             self.scheduler.commit(plan)
             self._update(plan, hidden, events)
         self.load_figures = self.scheduler.load()
+        clock.lap("update")
         return events
 
     def _drain_inbox(self) -> None:
@@ -150,8 +175,11 @@ class EngineCore:
         rows = [c.seq.payload.row for c in chunks]  # type: ignore[union-attr]
         batch = build_sampling_batch(rows, self.eos_ids, logits.shape[-1], logits.device)
         token_ids, logprobs = self.sampler.sample(logits, batch)
-        for c, tok, lp in zip(chunks, token_ids.tolist(), logprobs.tolist(), strict=True):
+        tokens, lps = token_ids.tolist(), logprobs.tolist()  # the step's one host sync
+        self.timer.lap("sample")
+        for c, tok, lp in zip(chunks, tokens, lps, strict=True):
             events.append(self._accept(c.seq, tok, lp))
+        self.timer.lap("detokenize")
 
     def _accept(self, seq: Seq, tok: int, logprob: float) -> tuple[Request, Event]:
         st: SeqState = seq.payload  # type: ignore[assignment]
@@ -229,10 +257,12 @@ class AsyncEngine:
                     await self._wakeup.wait()
                     self._wakeup = trio.Event()
                     continue
+                core.timer.lap("idle")
                 events = await trio.to_thread.run_sync(core.step)
                 self.steps_done += 1
                 self.last_step_done_s = trio.current_time()
                 self._deliver(events)
+                core.timer.lap("deliver")
         except BaseException as exc:
             self.dead = exc
             for send in list(self._channels.values()):

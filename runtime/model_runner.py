@@ -50,9 +50,8 @@ class ModelRunner:
         ]
         return make_forward_batch(chunks, self.pool.pad_slot, self.device)
 
-    def forward(self, plan: StepPlan) -> Tensor:
+    def run(self, batch: ForwardBatch) -> Tensor:
         """Final-normed hidden rows `[B', H]` of the chunks that sample."""
-        batch = self.prepare(plan)
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         return self.model.hidden(batch, self.pool)
