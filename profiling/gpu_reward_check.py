@@ -4,7 +4,8 @@ Usage: python profiling/gpu_reward_check.py OUT.json
 Sizes: InternLM2-7B-reward-like (H=4096, dot head) and Qwen2.5-Math-RM-like (H=3584, MLP head),
 B=64 sequences of 512 tokens (T=32768 rows, bf16), plus fp16/fp32/odd-size/side-stream cases and
 a tiny bf16 reward model end to end (`score_batch` vs `CausalLM.score`). Writes JSON to OUT.json;
-exit 0 when everything matches, 1 on a mismatch, 2 when CUDA or CuPy is missing.
+exit 0 when everything matches, 1 on a mismatch, 2 when CUDA or CuPy is missing (without CuPy the
+torch twin on the GPU is still checked against numpy: "mode": "twin_only").
 Imports only torch, numpy, cupy and the repo's own modules.
 """
 
@@ -110,12 +111,13 @@ def run_case(
     with torch.cuda.stream(stream):  # data made and consumed on this stream, no sync in between
         rows, last, nw, head = make_case(kind, h, b, seq, dtype, w_dtype, seed)
         t0 = time.perf_counter()
-        kern = rh.reward_scores_cupy(rows, last, nw, eps, head, kind)
+        kfn = rh.reward_scores_cupy if rh.cupy_available() else rh.reward_scores_torch
+        kern = kfn(rows, last, nw, eps, head, kind)
         stream.synchronize()
         first_ms = (time.perf_counter() - t0) * 1e3  # includes NVRTC compile on first use
         twin = rh.reward_scores_torch(rows, last, nw, eps, head, kind)
         disp = rh.reward_scores(rows, last, nw, eps, head, kind)
-        ms_kernel = cuda_ms(lambda: rh.reward_scores_cupy(rows, last, nw, eps, head, kind))
+        ms_kernel = cuda_ms(lambda: kfn(rows, last, nw, eps, head, kind))
         ms_twin = cuda_ms(lambda: rh.reward_scores_torch(rows, last, nw, eps, head, kind))
     stream.synchronize()
     ref, scale, np_s = numpy_ref(rows, last, nw, eps, head, kind)
@@ -217,16 +219,17 @@ def main() -> int:
         return 2
     path = Path(sys.argv[1])
     report: dict[str, Any] = {"torch": torch.__version__, "cases": [], "ok": False}
-    if not torch.cuda.is_available() or not rh.cupy_available():
-        report["error"] = (
-            f"needs CUDA ({torch.cuda.is_available()}) and CuPy ({rh.cupy_available()})"
-        )
+    if not torch.cuda.is_available():
+        report["error"] = "needs CUDA"
         path.write_text(json.dumps(report, indent=1))
         print(report["error"], file=sys.stderr)
         return 2
-    import cupy
+    report["device"] = torch.cuda.get_device_name()
+    report["mode"] = "kernel" if rh.cupy_available() else "twin_only"
+    if rh.cupy_available():
+        import cupy
 
-    report |= {"device": torch.cuda.get_device_name(), "cupy": cupy.__version__}
+        report["cupy"] = cupy.__version__
     bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
     cases = [
         ("internlm2_7b_reward_bf16", "internlm2_reward", 4096, 64, 512, bf16, None, False),
@@ -253,13 +256,17 @@ def main() -> int:
         report["cases"].append(
             {"name": "tiny_model_end_to_end", "ok": False, "error": traceback.format_exc()}
         )
-    report["cupy_pool_used_bytes"] = int(cupy.get_default_memory_pool().used_bytes())
+    if rh.cupy_available():
+        report["cupy_pool_used_bytes"] = int(cupy.get_default_memory_pool().used_bytes())
     report["ok"] = all(c["ok"] for c in report["cases"])
     path.write_text(json.dumps(report, indent=1))
     for c in report["cases"]:
         print(
             c["name"], "ok" if c["ok"] else "MISMATCH", c.get("max_abs_diff", ""), c.get("ms", "")
         )
+    if not rh.cupy_available():
+        print("CuPy is not importable: only the torch twin was checked", file=sys.stderr)
+        return 2
     return 0 if report["ok"] else 1
 
 
