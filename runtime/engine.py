@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from threading import Lock
 
 import trio
+from torch import Tensor
 
 from runtime.detokenizer import IncrementalDetokenizer, StopMatcher
 from runtime.engine_api import (
@@ -160,12 +161,12 @@ class EngineCore:
                     seq.aborted = True
                     self.scheduler.finish(seq)
 
-    def _update(self, plan: StepPlan, hidden: object, events: list[tuple[Request, Event]]) -> None:
+    def _update(self, plan: StepPlan, hidden: Tensor, events: list[tuple[Request, Event]]) -> None:
         chunks = [c for c in plan.chunks if c.sample]
         if not chunks:
             return
         if self.runner.is_reward_model:
-            scores = self.runner.scores(hidden).tolist()  # [B'] floats
+            scores = hidden.tolist()  # [B'] floats: reward models' run() returns scores
             for c, score in zip(chunks, scores, strict=True):
                 st: SeqState = c.seq.payload  # type: ignore[assignment]
                 self._finish(c.seq)

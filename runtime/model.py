@@ -224,14 +224,19 @@ class CausalLM(nn.Module):
         return emb.cos()[:, None, :].to(self.dtype), emb.sin()[:, None, :].to(self.dtype)
 
     @torch.inference_mode()
-    def hidden(self, batch: ForwardBatch, pool: KVPool) -> Tensor:
-        """Final-normed hidden state of each sequence's `logits_index` token: `[B, H]`."""
+    def hidden_rows(self, batch: ForwardBatch, pool: KVPool) -> Tensor:
+        """The decoder stack's output for every new token, before the final norm: `[T, H]`."""
         x = self.embed_tokens(batch.input_ids)  # [T, H]
         cos, sin = self._rope(batch.positions)
         meta = build_attn_meta(batch)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, pool.k[i], pool.v[i], meta)
-        x = x.index_select(0, batch.logits_index)  # [B, H]
+        return x
+
+    @torch.inference_mode()
+    def hidden(self, batch: ForwardBatch, pool: KVPool) -> Tensor:
+        """Final-normed hidden state of each sequence's `logits_index` token: `[B, H]`."""
+        x = self.hidden_rows(batch, pool).index_select(0, batch.logits_index)  # [B, H]
         return F.rms_norm(x, (x.shape[-1],), self.norm, self.config.rms_norm_eps)
 
     @torch.inference_mode()

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from cuda import reward_head
 from runtime.batch import SeqChunk, make_forward_batch
 from runtime.config import CheckpointError
 from runtime.engine_api import ModelInfo
@@ -51,16 +52,15 @@ class ModelRunner:
         return make_forward_batch(chunks, self.pool.pad_slot, self.device)
 
     def run(self, batch: ForwardBatch) -> Tensor:
-        """Final-normed hidden rows `[B', H]` of the chunks that sample."""
+        """Final-normed hidden rows `[B', H]` of the chunks that sample (reward models: `[B']` scores)."""
+        if self.is_reward_model:  # prefill only: the reward-head kernel reads the rows in place
+            return reward_head.score_batch(self.model, batch, self.pool)
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         return self.model.hidden(batch, self.pool)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.model.logits_from_hidden(hidden)  # [B', V] fp32
-
-    def scores(self, hidden: Tensor) -> Tensor:
-        return self.model.score_from_hidden(hidden)[:, 0]  # [B'] fp32
 
     def scheduler_config(self, args: EngineArgs) -> SchedulerConfig:
         return SchedulerConfig(
