@@ -1,0 +1,101 @@
+"""`python -m server`: LightLLM-style flags, Hypercorn (trio worker) run programmatically.
+
+Exit status: 0 after a SIGTERM/SIGINT drain, 3 when the engine died, 2 on bad flags. A second
+signal during the drain exits at once with status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from .app import ENGINE_DEATH_EXIT_STATUS, create_app
+from .settings import Settings, parse_args
+
+log = logging.getLogger("nurserve.server")
+
+
+def hypercorn_config(settings: Settings) -> Config:
+    """The Hypercorn config of `python -m server`."""
+    config = Config()
+    config.worker_class = "trio"
+    host = settings.host
+    config.bind = [f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"]
+    config.backlog = settings.backlog
+    config.graceful_timeout = settings.shutdown_grace_s
+    config.keep_alive_timeout = settings.keep_alive_s
+    config.startup_timeout = settings.startup_timeout_s
+    config.shutdown_timeout = max(10.0, settings.shutdown_grace_s + 5.0)
+    config.loglevel = settings.log_level.upper()
+    config.accesslog = "-" if settings.access_log else None
+    config.errorlog = "-"
+    return config
+
+
+async def _watch_signals(stop: trio.Event) -> None:
+    """First SIGTERM/SIGINT: graceful stop; a second one: exit now."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if not stop.is_set():
+                log.info("received %s: draining in-flight requests", signal.Signals(signum).name)
+                stop.set()
+            else:
+                log.warning("second signal: exiting now")
+                logging.shutdown()
+                os._exit(1)
+
+
+async def _serve(settings: Settings) -> int:
+    """Serve until a signal or the engine's death; returns the exit status."""
+    stop = trio.Event()
+    status = 0
+
+    def on_engine_death(exc: BaseException) -> None:
+        nonlocal status
+        status = ENGINE_DEATH_EXIT_STATUS
+        stop.set()
+        # Backstop: if the drain hangs, leave anyway.
+        timer = threading.Timer(
+            settings.shutdown_grace_s + 10.0, os._exit, (ENGINE_DEATH_EXIT_STATUS,)
+        )
+        timer.daemon = True
+        timer.start()
+
+    app = create_app(settings, on_engine_death=on_engine_death)
+    config = hypercorn_config(settings)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals, stop)
+        await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    settings = parse_args(argv)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        status = trio.run(_serve, settings)
+    except KeyboardInterrupt:
+        status = 1
+    except BaseException:
+        log.exception("server failed")
+        status = 1
+    if status == ENGINE_DEATH_EXIT_STATUS:
+        log.critical("exiting with status %d: the engine died", status)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Generation routes: /generate, /generate_stream, POST / and /get_score (spec §3-6, §9)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from quart import Blueprint, Response, current_app
+
+from runtime.engine_api import EngineDead, ErrorEvent, QueueFull, TokenEvent
+
+from .errors import BUSY, SERVER, ApiError, json_response
+from .state import Live, ServerState, get_state
+from .stream import start_stream, stream_body, token_dict
+from .validation import GenerateRequest, read_json_object, validate_generate, validate_score
+
+bp = Blueprint("generation", __name__)
+
+
+def live_engine(state: ServerState) -> Live:
+    """The running engine, or a 503 when it is dead or not started."""
+    reason = state.dead_reason()
+    if reason is not None:
+        raise ApiError(503, reason, None, type_=SERVER)
+    live = state.live()
+    if live is None:
+        raise ApiError(503, "the engine is not running", None, type_=SERVER)
+    return live
+
+
+def busy_error(exc: QueueFull) -> ApiError:
+    """503 + Retry-After for a full waiting queue (LightLLM never rejects, spec §16.3)."""
+    retry_s = max(1, math.ceil(exc.retry_after_s))
+    return ApiError(
+        503,
+        f"server busy: {exc.waiting} requests already waiting (max_waiting_reqs); retry after "
+        f"{retry_s} s",
+        None,
+        type_=BUSY,
+        headers={"Retry-After": str(retry_s)},
+    )
+
+
+def dead_error(exc: BaseException) -> ApiError:
+    """503 for a request refused because the engine died."""
+    return ApiError(503, f"engine failed: {exc}", None, type_=SERVER)
+
+
+@dataclass
+class _Seq:
+    """What /generate collects for one of the n sequences."""
+
+    text: list[str] = field(default_factory=list)
+    count_output_tokens: int = 0
+    finish_reason: str | None = None
+    cumlogprob: float = 0.0
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def _collect(state: ServerState, live: Live, req: GenerateRequest) -> dict[str, Any]:
+    """Run a request to completion; cancelled (client gone) = aborted in the engine."""
+    seqs = [_Seq() for _ in range(req.n)]
+    prompt_tokens = len(req.prompt_ids)
+    finished = 0
+    outcome = "aborted"
+    try:
+        cm = live.engine.generate(req.prompt_ids, req.params)
+        async with cm as events:
+            state.request_started()
+            try:
+                state.counters.request_count += 1
+                state.counters.prompt_tokens += prompt_tokens
+                async for ev in events:
+                    state.progress()
+                    if not isinstance(ev, TokenEvent | ErrorEvent):
+                        continue
+                    if isinstance(ev, ErrorEvent):
+                        outcome = "failure"
+                        raise ApiError(503, f"engine failed: {ev.message}", None, type_=SERVER)
+                    _add(seqs[ev.seq_index], ev, req.return_details)
+                    state.counters.generated_tokens += 1
+                    prompt_tokens = ev.prompt_tokens
+                    if ev.finished:
+                        finished += 1
+                        if finished >= req.n:
+                            break
+                if finished < req.n:
+                    outcome = "failure"
+                    raise ApiError(
+                        503, "the engine ended the request before it finished", None, type_=SERVER
+                    )
+                outcome = "success"
+            finally:
+                state.request_ended()
+                _count(state, outcome)
+    except QueueFull as exc:
+        state.counters.request_rejected_busy += 1
+        raise busy_error(exc) from None
+    except EngineDead as exc:
+        raise dead_error(exc) from None
+    return _response(seqs, prompt_tokens, req)
+
+
+def _add(seq: _Seq, ev: TokenEvent, details: bool) -> None:
+    """Fold one token event into its sequence."""
+    seq.text.append(ev.text)
+    seq.count_output_tokens = ev.count_output_tokens
+    if ev.finished:
+        seq.finish_reason = ev.finish_reason
+    if details:
+        seq.cumlogprob += ev.logprob
+        tok = token_dict(ev)
+        # The running sum (LightLLM reports a running mean under this name, spec §16.11).
+        tok["cumlogprob"] = seq.cumlogprob
+        tok["mtp_accepted_token_num"] = 0
+        seq.tokens.append(
+            {
+                k: tok[k]
+                for k in (
+                    "id",
+                    "text",
+                    "logprob",
+                    "cumlogprob",
+                    "special",
+                    "count_output_tokens",
+                    "prompt_tokens",
+                    "mtp_accepted_token_num",
+                )
+            }
+        )
+
+
+def _response(seqs: list[_Seq], prompt_tokens: int, req: GenerateRequest) -> dict[str, Any]:
+    """The /generate body: scalars for n == 1, lists for n > 1 (spec §5)."""
+    single = req.n == 1
+    counts = [s.count_output_tokens for s in seqs]
+    reasons = [s.finish_reason for s in seqs]
+    out: dict[str, Any] = {
+        "generated_text": ["".join(s.text) for s in seqs],
+        "count_output_tokens": counts[0] if single else counts,
+        "finish_reason": reasons[0] if single else reasons,
+        "prompt_tokens": prompt_tokens,
+    }
+    if req.return_details:
+        out["tokens"] = seqs[0].tokens if single else [s.tokens for s in seqs]
+    return out
+
+
+def _count(state: ServerState, outcome: str) -> None:
+    c = state.counters
+    if outcome == "success":
+        c.request_success += 1
+    elif outcome == "aborted":
+        c.request_aborted += 1
+    else:
+        c.request_failure += 1
+
+
+async def _generate(req: GenerateRequest, state: ServerState, live: Live) -> Response:
+    return json_response(await _collect(state, live, req))
+
+
+async def _generate_stream(req: GenerateRequest, state: ServerState) -> Response:
+    """Submit, then answer 200 with a body that only reads the producer's channel."""
+    try:
+        job = await start_stream(state, current_app.nursery, req)  # type: ignore[attr-defined]
+    except QueueFull as exc:
+        state.counters.request_rejected_busy += 1
+        raise busy_error(exc) from None
+    except EngineDead as exc:
+        raise dead_error(exc) from None
+    response = current_app.response_class(
+        stream_body(job),
+        status=200,
+        content_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
+    response.timeout = None
+    return response
+
+
+async def _validated() -> tuple[GenerateRequest, ServerState, Live]:
+    state = get_state()
+    live = live_engine(state)
+    body = await read_json_object(state.settings.max_body_bytes)
+    return validate_generate(body, live), state, live
+
+
+@bp.post("/generate")
+async def generate() -> Response:
+    """Non-streaming generation."""
+    req, state, live = await _validated()
+    return await _generate(req, state, live)
+
+
+@bp.post("/generate_stream")
+async def generate_stream() -> Response:
+    """SSE generation; n > 1 adds an `index` field to each event (our extension)."""
+    req, state, _ = await _validated()
+    return await _generate_stream(req, state)
+
+
+@bp.post("/")
+async def root() -> Response:
+    """LightLLM's `POST /`: dispatch on the body's `stream` flag."""
+    req, state, live = await _validated()
+    if req.stream:
+        return await _generate_stream(req, state)
+    return await _generate(req, state, live)
+
+
+@bp.post("/get_score")
+async def get_score() -> Response:
+    """Reward-model score of a formatted chat (prefill only)."""
+    state = get_state()
+    live = live_engine(state)
+    body = await read_json_object(state.settings.max_body_bytes)
+    if not live.info.is_reward_model:
+        raise ApiError(
+            400,
+            f"/get_score needs a reward model; '{live.info.model_name}' is a causal LM "
+            "(start the server with a reward model's --model_dir)",
+            None,
+        )
+    ids = validate_score(body, live)
+    state.request_started()
+    outcome = "aborted"
+    try:
+        state.counters.request_count += 1
+        state.counters.prompt_tokens += len(ids)
+        result = await live.engine.score(ids)
+        state.progress()
+        outcome = "success"
+    except QueueFull as exc:
+        outcome = "busy"
+        state.counters.request_rejected_busy += 1
+        raise busy_error(exc) from None
+    except EngineDead as exc:
+        outcome = "failure"
+        raise dead_error(exc) from None
+    finally:
+        state.request_ended()
+        if outcome != "busy":
+            _count(state, outcome)
+    return json_response(
+        {"score": result.score, "prompt_tokens": result.prompt_tokens, "finish_reason": "stop"}
+    )

@@ -1,0 +1,194 @@
+"""Engine events -> LightLLM wire format, and the SSE producer/consumer pair.
+
+A streamed request runs in a producer task in the app's nursery: it enters
+`engine.generate(...)` (so a full queue is a 503 before any 200 is sent), then pushes
+encoded `data:{json}\\n\\n` events into an unbounded memory channel and never blocks. The
+response body is a plain async generator that only reads that channel (no nursery or cancel
+scope around a `yield`); when the client leaves, Quart closes the generator and its
+`finally` cancels the producer, whose exit from `engine.generate` aborts the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from runtime.engine_api import EngineDead, ErrorEvent, TokenEvent
+
+from .errors import SERVER, dumps
+from .state import ServerState
+from .validation import GenerateRequest
+
+log = logging.getLogger("nurserve.server")
+
+# A producer whose response body was never iterated (client gone between the handler and the
+# first write) aborts its request after this long.
+CONSUMER_START_TIMEOUT_S = 10.0
+
+
+def token_dict(ev: TokenEvent) -> dict[str, Any]:
+    """The `token` object of a stream event (spec §6)."""
+    return {
+        "id": ev.token_id,
+        "text": ev.text,
+        "logprob": ev.logprob,
+        "special": ev.special,
+        "count_output_tokens": ev.count_output_tokens,
+        "prompt_tokens": ev.prompt_tokens,
+    }
+
+
+def encode_token_event(ev: TokenEvent, with_index: bool) -> bytes:
+    """One `data:{json}\\n\\n` SSE event; `index` is added only when n > 1 (our extension)."""
+    obj: dict[str, Any] = {
+        "token": token_dict(ev),
+        "generated_text": None,
+        "finished": ev.finished,
+        "finish_reason": ev.finish_reason if ev.finished else None,
+        "details": None,
+    }
+    if with_index:
+        obj["index"] = ev.seq_index
+    return b"data:" + dumps(obj).encode("utf-8") + b"\n\n"
+
+
+def encode_error_event(message: str, type_: str = SERVER) -> bytes:
+    """The SSE event that ends a stream that failed after its 200 was sent."""
+    obj = {
+        "error": {"message": message, "type": type_},
+        "finished": True,
+        "finish_reason": "error",
+    }
+    return b"data:" + dumps(obj).encode("utf-8") + b"\n\n"
+
+
+@dataclass
+class StreamJob:
+    """The link between a producer task and its response body."""
+
+    send: trio.MemorySendChannel[bytes]
+    receive: trio.MemoryReceiveChannel[bytes]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    consumer_started: bool = False
+
+    def abort(self) -> None:
+        """Stop the producer (synchronous: safe in a generator's `finally`)."""
+        self.scope.cancel()
+        self.receive.close()
+
+
+async def start_stream(
+    state: ServerState, nursery: trio.Nursery, req: GenerateRequest
+) -> StreamJob:
+    """Submit a streamed request; raises QueueFull/EngineDead before anything is sent."""
+    send, receive = trio.open_memory_channel[bytes](math.inf)
+    job = StreamJob(send, receive)
+    await nursery.start(_produce, state, req, job)
+    return job
+
+
+async def _produce(
+    state: ServerState,
+    req: GenerateRequest,
+    job: StreamJob,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one request in the engine, pushing encoded events to the job's channel."""
+    live = state.live()
+    if live is None:
+        raise EngineDead("the engine is not running")
+    started = False
+    outcome = "aborted"
+    try:
+        with job.scope:
+            async with live.engine.generate(req.prompt_ids, req.params) as events:
+                state.request_started()
+                started = True
+                state.counters.request_count += 1
+                state.counters.prompt_tokens += len(req.prompt_ids)
+                task_status.started()
+                outcome = await _pump(state, req, events, job)
+    except Exception as exc:
+        if not started:
+            raise
+        log.exception("streamed request failed")
+        outcome = "failure"
+        _push(job, encode_error_event(f"internal error: {type(exc).__name__}: {exc}"))
+    finally:
+        if started:
+            state.request_ended()
+            _count_outcome(state, outcome)
+        job.send.close()
+
+
+def _push(job: StreamJob, data: bytes) -> bool:
+    """Queue bytes for the client; False when the client is gone."""
+    try:
+        job.send.send_nowait(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return False
+    return True
+
+
+async def _pump(
+    state: ServerState,
+    req: GenerateRequest,
+    events: trio.MemoryReceiveChannel[Any],
+    job: StreamJob,
+) -> str:
+    """Forward events until every sequence finished; returns the outcome for the counters."""
+    n = req.n
+    finished = 0
+    give_up_at = trio.current_time() + CONSUMER_START_TIMEOUT_S
+    async for ev in events:
+        state.progress()
+        if isinstance(ev, ErrorEvent):
+            _push(job, encode_error_event(ev.message))
+            return "failure"
+        if not isinstance(ev, TokenEvent):
+            continue
+        state.counters.generated_tokens += 1
+        if not _push(job, encode_token_event(ev, n > 1)):
+            return "aborted"
+        if ev.finished:
+            finished += 1
+            if finished >= n:
+                return "success"
+        if not job.consumer_started and trio.current_time() > give_up_at:
+            log.warning("stream never read by its client; aborting the request")
+            return "aborted"
+    _push(job, encode_error_event("the engine ended the request before it finished"))
+    return "failure"
+
+
+def _count_outcome(state: ServerState, outcome: str) -> None:
+    """Move the request counters."""
+    c = state.counters
+    if outcome == "success":
+        c.request_success += 1
+    elif outcome == "aborted":
+        c.request_aborted += 1
+    else:
+        c.request_failure += 1
+
+
+async def stream_body(job: StreamJob) -> AsyncGenerator[bytes, None]:
+    """The SSE response body: reads the channel only; a lagging client gets batched writes."""
+    job.consumer_started = True
+    try:
+        async for chunk in job.receive:
+            parts = [chunk]
+            while True:
+                try:
+                    parts.append(job.receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
+    finally:
+        job.abort()

@@ -1,0 +1,416 @@
+"""The HTTP layer in-process: Quart-Trio's test client on the real engine (default model).
+
+The weights load once per session; each test builds a fresh `AsyncEngine` (fresh scheduler,
+KV accounting and fault injection) around them, so an app start costs milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import trio
+from quart_trio import QuartTrio
+
+from runtime.engine import AsyncEngine, EngineCore
+from runtime.engine_args import EngineArgs
+from runtime.model_runner import ModelRunner, load_runner
+from runtime.tokenizer import Tokenizer
+from server.app import create_app, get_app_state
+from server.settings import OPTIONS, Settings, markdown_table, parse_args
+
+pytestmark = pytest.mark.slow
+
+MAX_LEN = 512  # max_req_total_len of the test engines
+SEED_BODY: dict[str, Any] = {
+    "inputs": "What is AI?",
+    "parameters": {"max_new_tokens": 17, "frequency_penalty": 1},
+    "multimodal_params": {},
+}
+
+
+@pytest.fixture(scope="session")
+def runner_and_tokenizer(default_model_dir: object) -> tuple[ModelRunner, Tokenizer]:
+    """The default model, loaded once."""
+    return load_runner(EngineArgs(max_total_token_num=4096, max_req_total_len=MAX_LEN))
+
+
+Factory = Callable[..., QuartTrio]
+
+
+@pytest.fixture
+def make_app(runner_and_tokenizer: tuple[ModelRunner, Tokenizer]) -> Factory:
+    """Build an app on a fresh engine around the shared weights."""
+    runner, tokenizer = runner_and_tokenizer
+
+    def factory(deaths: list[BaseException] | None = None, **engine_overrides: Any) -> QuartTrio:
+        settings = Settings(max_body_bytes=64 * 1024, death_exit_delay_s=0.05)
+
+        def engine_factory(s: Settings) -> AsyncEngine:
+            args = replace(s.to_engine_args(), max_total_token_num=4096, **engine_overrides)
+            engine = AsyncEngine(args)
+            engine._load = lambda: EngineCore(runner, tokenizer, args)  # type: ignore[method-assign]
+            return engine
+
+        sink = deaths if deaths is not None else []
+        return create_app(settings, engine_factory=engine_factory, on_engine_death=sink.append)
+
+    return factory
+
+
+@asynccontextmanager
+async def serving(app: QuartTrio) -> AsyncIterator[Any]:
+    """Run the app's startup/shutdown around a test client."""
+    async with app.test_app() as test_app:
+        yield test_app.test_client()
+
+
+async def post_stream(client: Any, path: str, body: Any) -> tuple[int, Any, bytes]:
+    """POST and read the body while the app writes it (the test client's `post` waits for the
+    app to finish first, which deadlocks on more than 10 body chunks)."""
+    async with client.request(path, method="POST", headers={"Content-Type": "application/json"}) as conn:
+        await conn.send(json.dumps(body).encode())
+        await conn.send_complete()
+        data = bytearray()
+        while True:
+            try:
+                data += await conn.receive()
+            except trio.EndOfChannel:
+                break
+    return conn.status_code, conn.headers, bytes(data)
+
+
+def sse_events(body: bytes) -> list[dict[str, Any]]:
+    """Parse a LightLLM SSE body strictly: `data:{json}\\n\\n` frames, nothing else."""
+    assert body.endswith(b"\n\n"), body[-80:]
+    frames = body.decode("utf-8").split("\n\n")[:-1]
+    out = []
+    for frame in frames:
+        assert frame.startswith("data:{"), frame  # no space after "data:", no [DONE]
+        out.append(json.loads(frame[len("data:") :]))
+    return out
+
+
+# ------------------------------------------------------------------ settings
+
+
+def test_settings_from_env_and_flags() -> None:
+    env = {
+        "NURSERVE_MAX_TOTAL_TOKEN_NUM": "1234",
+        "NURSERVE_EOS_ID": "2, 7",
+        "NURSERVE_DISABLE_CUDAGRAPH": "true",
+        "NURSERVE_PORT": "9000",
+        "NURSERVE_MAX_BODY_BYTES": "1000",
+    }
+    s = Settings.from_env(env)
+    assert (s.max_total_token_num, s.eos_id, s.disable_cudagraph, s.port) == (1234, [2, 7], True, 9000)
+    flags = parse_args(["--port", "9100", "--eos_id", "3", "4", "--mem_fraction", "0.5"], env)
+    assert (flags.port, flags.eos_id, flags.mem_fraction, flags.max_body_bytes) == (9100, [3, 4], 0.5, 1000)
+    args = flags.to_engine_args()
+    assert isinstance(args, EngineArgs)
+    assert (args.max_total_token_num, args.eos_id, args.disable_cudagraph) == (1234, [3, 4], True)
+    assert args.model_dir is None  # the embedded default
+    assert Settings().to_engine_args() == EngineArgs()  # unset options keep the engine's defaults
+    with pytest.raises(ValueError, match="NURSERVE_PORT"):
+        Settings.from_env({"NURSERVE_PORT": "eighty"})
+    with pytest.raises(ValueError, match="mem_fraction"):
+        Settings.from_env({"NURSERVE_MEM_FRACTION": "1.5"})
+    table = markdown_table()
+    assert all(f"`{o.env}`" in table and f"`--{o.name}`" in table for o in OPTIONS)
+
+
+def test_bad_flag_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--data_type", "int3"], {})
+    assert info.value.code == 2
+    assert "data_type" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ cheap routes
+
+
+async def test_cheap_routes(make_app: Factory) -> None:
+    async with serving(make_app()) as client:
+        for path in ("/health", "/healthz"):
+            r = await client.get(path)
+            assert r.status_code == 200 and await r.get_json() == {"message": "Ok"}
+        r = await client.head("/health")
+        assert r.status_code == 200
+        for path in ("/liveness", "/readiness"):
+            for method in ("GET", "POST"):
+                r = await client.open(path, method=method)
+                assert r.status_code == 200 and await r.get_json() == {"status": "ok"}
+        r = await client.get("/token_load")
+        load = await r.get_json()
+        assert list(load) == ["current_load", "logical_max_load", "dynamic_max_load"]
+        assert all(isinstance(v, float) for v in load.values()) and load["current_load"] == 0.0
+        for method in ("GET", "POST"):
+            r = await client.open("/get_model_name", method=method)
+            assert await r.get_json() == {"model_name": "default_model_name"}
+        r = await client.post("/tokens", json={"text": "What is AI?", "parameters": {}})
+        assert await r.get_json() == {"ntokens": 4}
+        r = await client.get("/tokens", query_string={"text": "What is AI?"})
+        assert await r.get_json() == {"ntokens": 4}
+        r = await client.get("/metrics")
+        assert r.status_code == 200
+        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = (await r.get_data()).decode()
+        assert "# TYPE lightllm_request_count counter" in text
+        r = await client.get("/nope")
+        assert r.status_code == 404
+        body = await r.get_json()
+        assert body["type"] == "invalid_request_error" and "/nope" in body["message"]
+        r = await client.get("/generate")
+        assert r.status_code == 405 and "POST" in r.headers["Allow"]
+        assert "GET" in (await r.get_json())["message"]
+        r = await client.post("/get_score", json={"chat": "hi"})
+        assert r.status_code == 400 and "reward model" in (await r.get_json())["message"]
+
+
+# ------------------------------------------------------------------ generation
+
+
+async def test_generate_seed_example(make_app: Factory) -> None:
+    async with serving(make_app()) as client:
+        r = await client.post("/generate", json=SEED_BODY)
+        assert r.status_code == 200, await r.get_data()
+        assert r.headers["Content-Type"] == "application/json"
+        body = await r.get_json()
+        assert list(body) == ["generated_text", "count_output_tokens", "finish_reason", "prompt_tokens"]
+        assert isinstance(body["generated_text"], list) and len(body["generated_text"]) == 1
+        assert body["count_output_tokens"] == 17
+        assert body["finish_reason"] == "length"
+        assert body["prompt_tokens"] == 4
+
+        # The same request as token ids gives the same greedy text.
+        ids = runner_ids = [1780, 314, 5646, 47]
+        r = await client.post("/generate", json={**SEED_BODY, "inputs": runner_ids})
+        assert (await r.get_json())["generated_text"] == body["generated_text"]
+        assert ids == runner_ids
+
+        # return_details: one entry per token; cumlogprob is the running sum.
+        params = {**SEED_BODY["parameters"], "return_details": True}
+        r = await client.post("/generate", json={**SEED_BODY, "parameters": params})
+        detailed = await r.get_json()
+        toks = detailed["tokens"]
+        assert len(toks) == 17 and detailed["generated_text"] == body["generated_text"]
+        assert set(toks[0]) >= {"id", "text", "logprob", "cumlogprob", "special", "count_output_tokens", "prompt_tokens"}
+        assert "".join(t["text"] for t in toks) == body["generated_text"][0]
+        assert toks[-1]["cumlogprob"] == pytest.approx(sum(t["logprob"] for t in toks), rel=1e-5)
+        assert [t["count_output_tokens"] for t in toks] == list(range(1, 18))
+
+        # POST / dispatches on stream.
+        r = await client.post("/", json=SEED_BODY)
+        assert (await r.get_json())["generated_text"] == body["generated_text"]
+        status, headers, data = await post_stream(client, "/", {**SEED_BODY, "stream": True})
+        assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+        events = sse_events(data)
+        assert "".join(e["token"]["text"] for e in events) == body["generated_text"][0]
+
+
+async def test_generate_stream_framing(make_app: Factory) -> None:
+    async with serving(make_app()) as client:
+        status, headers, data = await post_stream(client, "/generate_stream", SEED_BODY)
+        assert status == 200
+        assert headers["Content-Type"].startswith("text/event-stream")
+        events = sse_events(data)
+        assert len(events) == 17
+        for i, ev in enumerate(events, 1):
+            assert list(ev) == ["token", "generated_text", "finished", "finish_reason", "details"]
+            assert list(ev["token"]) == ["id", "text", "logprob", "special", "count_output_tokens", "prompt_tokens"]
+            assert ev["token"]["count_output_tokens"] == i and ev["token"]["prompt_tokens"] == 4
+            assert ev["generated_text"] is None and ev["details"] is None
+            assert ev["finished"] is (i == 17)
+            assert ev["finish_reason"] == ("length" if i == 17 else None)
+        r = await client.post("/generate", json=SEED_BODY)
+        assert "".join(e["token"]["text"] for e in events) == (await r.get_json())["generated_text"][0]
+
+
+async def test_n_greater_than_one(make_app: Factory) -> None:
+    async with serving(make_app()) as client:
+        body = {"inputs": "Once upon a time", "parameters": {"n": 2, "max_new_tokens": 5, "do_sample": True, "seed": 7, "return_details": True}}
+        r = await client.post("/generate", json=body)
+        out = await r.get_json()
+        assert r.status_code == 200, out
+        assert len(out["generated_text"]) == 2
+        assert out["count_output_tokens"] == [5, 5] and out["finish_reason"] == ["length", "length"]
+        assert isinstance(out["prompt_tokens"], int)
+        assert [len(t) for t in out["tokens"]] == [5, 5]
+        _, _, data = await post_stream(client, "/generate_stream", body)
+        events = sse_events(data)
+        assert sorted(e["index"] for e in events) == [0] * 5 + [1] * 5
+        assert sum(e["finished"] for e in events) == 2 and events[-1]["finished"]
+
+
+async def test_stop_sequence_and_eos(make_app: Factory) -> None:
+    async with serving(make_app()) as client:
+        base = await (await client.post("/generate", json=SEED_BODY)).get_json()
+        text = base["generated_text"][0]
+        stop = text.split()[2]  # a word the greedy answer produces
+        body = {**SEED_BODY, "parameters": {**SEED_BODY["parameters"], "stop_sequences": [stop]}}
+        out = await (await client.post("/generate", json=body)).get_json()
+        assert out["finish_reason"] == "stop" and out["count_output_tokens"] < 17
+        assert out["generated_text"][0].endswith(stop) and text.startswith(out["generated_text"][0])
+        # EOS counts as an output token and adds "" to the text.
+        chat = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
+        out = await (await client.post("/generate", json={"inputs": chat, "parameters": {"max_new_tokens": 64, "return_details": True}})).get_json()
+        if out["finish_reason"] == "stop":
+            last = out["tokens"][-1]
+            assert last["text"] == "" and last["count_output_tokens"] == out["count_output_tokens"]
+
+
+# ------------------------------------------------------------------ validation
+
+BAD_REQUESTS: list[tuple[str, Any, int, str]] = [
+    # (path, body (bytes = raw), status, field)
+    ("/generate", b"{not json", 400, "body"),
+    ("/generate", b"", 400, "body"),
+    ("/generate", b"[1, 2]", 400, "body"),
+    ("/generate", b'"text"', 400, "body"),
+    ("/generate", b'{"inputs": NaN}', 400, "body"),
+    ("/generate", b"\xff\xfe", 400, "body"),
+    ("/generate", {"parameters": {}}, 400, "inputs"),
+    ("/generate", {"inputs": ""}, 400, "inputs"),
+    ("/generate", {"inputs": []}, 400, "inputs"),
+    ("/generate", {"inputs": 42}, 400, "inputs"),
+    ("/generate", {"inputs": None}, 400, "inputs"),
+    ("/generate", {"inputs": [1, "a"]}, 400, "inputs"),
+    ("/generate", {"inputs": [1, True]}, 400, "inputs"),
+    ("/generate", {"inputs": [-1]}, 400, "inputs"),
+    ("/generate", {"inputs": [49152]}, 400, "inputs"),
+    ("/generate", {"inputs": "hi", "parameters": []}, 400, "parameters"),
+    ("/generate", {"inputs": "hi", "parameters": {"temperature": -1}}, 400, "temperature"),
+    ("/generate", {"inputs": "hi", "parameters": {"top_p": 0}}, 400, "top_p"),
+    ("/generate", {"inputs": "hi", "parameters": {"top_k": 0}}, 400, "top_k"),
+    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 0}}, 400, "max_new_tokens"),
+    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": "5"}}, 400, "max_new_tokens"),
+    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": MAX_LEN}}, 400, "max_new_tokens"),
+    ("/generate", {"inputs": "hi", "parameters": {"temprature": 0.5}}, 400, "temprature"),
+    ("/generate", {"inputs": "hi", "parameters": {"n": 9}}, 400, "n"),
+    ("/generate", {"inputs": "hi", "parameters": {"return_details": "yes"}}, 400, "return_details"),
+    ("/generate", {"inputs": "hi", "parameters": {"stop_sequences": 5}}, 400, "stop_sequences"),
+    ("/generate", {"inputs": "hi", "parameters": {"min_new_tokens": 9, "max_new_tokens": 2}}, 400, "min_new_tokens"),
+    ("/generate", {"inputs": "hi", "multimodal_params": {"images": [{"type": "url", "data": "x"}]}}, 400, "multimodal_params.images"),
+    ("/generate", {"inputs": "hi", "multimodal_params": {"audios": [{"type": "base64", "data": "x"}]}}, 400, "multimodal_params.audios"),
+    ("/generate", {"inputs": "hi", "multimodal_params": []}, 400, "multimodal_params"),
+    ("/generate", {"inputs": "hi", "extra": 1}, 400, "extra"),
+    ("/generate", {"inputs": "word " * (MAX_LEN + 10)}, 400, "inputs"),
+    ("/generate", {"inputs": "x" * (8 * MAX_LEN + 1)}, 400, "inputs"),
+    ("/generate", {"inputs": "hi", "stream": "yes"}, 400, "stream"),
+    ("/generate_stream", {"inputs": "hi", "parameters": {"top_p": 2}}, 400, "top_p"),
+    ("/generate_stream", {"inputs": "hi", "parameters": {"max_new_tokens": MAX_LEN}}, 400, "max_new_tokens"),
+    ("/", {"inputs": [], "stream": True}, 400, "inputs"),
+    ("/tokens", {"parameters": {}}, 400, "text"),
+    ("/tokens", {"text": 5}, 400, "text"),
+    ("/get_score", {"chat": "hi"}, 400, None),
+    ("/generate", b'{"inputs": "' + b"a" * 70_000 + b'"}', 413, "body"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "field"), BAD_REQUESTS)
+async def test_bad_request(make_app: Factory, path: str, body: Any, status: int, field: str | None) -> None:
+    app = make_app()
+    async with serving(app) as client:
+        if isinstance(body, bytes):
+            r = await client.post(path, data=body, headers={"Content-Type": "application/json"})
+        else:
+            r = await client.post(path, json=body)
+        assert r.status_code == status, await r.get_data()
+        assert r.headers["Content-Type"] == "application/json"
+        err = await r.get_json()
+        assert err["field"] == field and err["type"] == "invalid_request_error"
+        assert isinstance(err["message"], str) and len(err["message"]) > 10
+        if field and "." not in field and field not in ("body",):
+            assert field in err["message"]
+        assert get_app_state(app).in_flight == 0
+
+
+async def test_length_error_names_the_numbers(make_app: Factory) -> None:
+    async with serving(make_app()) as client:
+        r = await client.post("/generate", json={"inputs": [1, 2, 3], "parameters": {"max_new_tokens": MAX_LEN}})
+        msg = (await r.get_json())["message"]
+        assert r.status_code == 400
+        assert "max_new_tokens" in msg and str(MAX_LEN) in msg and "3" in msg and "max_req_total_len" in msg
+
+
+# ------------------------------------------------------------------ backpressure, abort, death
+
+
+async def test_queue_full_is_503_with_retry_after(make_app: Factory) -> None:
+    async with serving(make_app(max_waiting_reqs=0)) as client:
+        for path in ("/generate", "/generate_stream"):
+            r = await client.post(path, json=SEED_BODY)
+            assert r.status_code == 503
+            assert int(r.headers["Retry-After"]) >= 1
+            err = await r.get_json()
+            assert "busy" in err["message"] and err["type"] == "server_busy"
+        assert (await client.get("/health")).status_code == 200
+
+
+async def test_stream_disconnect_aborts_request(make_app: Factory) -> None:
+    app = make_app()
+    async with serving(app) as client:
+        state = get_app_state(app)
+        body = json.dumps({"inputs": "Tell me a long story", "parameters": {"max_new_tokens": 400, "ignore_eos": True}}).encode()
+        async with client.request("/generate_stream", method="POST", headers={"Content-Type": "application/json"}) as conn:
+            await conn.send(body)
+            await conn.send_complete()
+            first = await conn.receive()
+            assert first.startswith(b"data:{")
+            assert state.in_flight == 1
+            await conn.disconnect()
+        with trio.fail_after(5):
+            while state.in_flight or state.engine.load().current_load > 0:  # type: ignore[union-attr]
+                await trio.sleep(0.01)
+        assert state.counters.request_aborted == 1
+        r = await client.post("/generate", json=SEED_BODY)
+        assert (await r.get_json())["count_output_tokens"] == 17
+
+
+async def test_engine_death(make_app: Factory) -> None:
+    deaths: list[BaseException] = []
+    app = make_app(deaths, fault_inject_step=3)
+    async with serving(app) as client:
+        # In flight when the engine dies: a stream gets an SSE error event after its tokens.
+        status, _, data = await post_stream(client, "/generate_stream", SEED_BODY)
+        assert status == 200
+        events = sse_events(data)
+        assert events[-1]["finished"] is True and events[-1]["finish_reason"] == "error"
+        assert events[-1]["error"]["type"] == "server_error" and "fault" in events[-1]["error"]["message"]
+        with trio.fail_after(5):
+            while not deaths:
+                await trio.sleep(0.01)
+        assert "fault injected" in str(deaths[0])
+        for path in ("/health", "/healthz", "/readiness", "/liveness"):
+            r = await client.get(path)
+            assert r.status_code == 503, path
+        assert (await (await client.get("/health")).get_json())["message"] == "Error"
+        r = await client.post("/generate", json=SEED_BODY)
+        assert r.status_code == 503 and "engine failed" in (await r.get_json())["message"]
+
+
+async def test_engine_death_non_streaming(make_app: Factory) -> None:
+    app = make_app(fault_inject_step=2)
+    async with serving(app) as client:
+        r = await client.post("/generate", json=SEED_BODY)
+        assert r.status_code == 503
+        err = await r.get_json()
+        assert "fault injected" in err["message"] and err["type"] == "server_error"
+
+
+async def test_stall_makes_health_503(make_app: Factory) -> None:
+    app = make_app()
+    async with serving(app) as client:
+        state = get_app_state(app)
+        state.settings.stall_timeout_s = 0.2
+        state.request_started()  # a request in flight that never progresses
+        assert (await client.get("/health")).status_code == 200
+        await trio.sleep(0.3)
+        r = await client.get("/health")
+        assert r.status_code == 503 and "stalled" in (await r.get_json())["reason"]
+        state.request_ended()
+        assert (await client.get("/health")).status_code == 200
