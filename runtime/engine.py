@@ -62,6 +62,12 @@ class SeqState:
     stop: StopMatcher | None
 
 
+def _state(seq: Seq) -> SeqState:
+    st = seq.payload
+    assert isinstance(st, SeqState)
+    return st
+
+
 class PhaseTimer:
     """Accumulated wall time per step phase (`lap(name)` charges the time since the last lap)."""
 
@@ -168,12 +174,12 @@ class EngineCore:
         if self.runner.is_reward_model:
             scores = hidden.tolist()  # [B'] floats: reward models' run() returns scores
             for c, score in zip(chunks, scores, strict=True):
-                st: SeqState = c.seq.payload  # type: ignore[assignment]
+                st = _state(c.seq)
                 self._finish(c.seq)
                 events.append((st.req, ScoreEvent(float(score), len(c.seq.prompt_ids))))
             return
         logits = self.runner.logits(hidden)  # [B', V] fp32
-        rows = [c.seq.payload.row for c in chunks]  # type: ignore[union-attr]
+        rows = [_state(c.seq).row for c in chunks]
         batch = build_sampling_batch(rows, self.eos_ids, logits.shape[-1], logits.device)
         token_ids, logprobs = self.sampler.sample(logits, batch)
         tokens, lps = token_ids.tolist(), logprobs.tolist()  # the step's one host sync
@@ -183,7 +189,7 @@ class EngineCore:
         self.timer.lap("detokenize")
 
     def _accept(self, seq: Seq, tok: int, logprob: float) -> tuple[Request, Event]:
-        st: SeqState = seq.payload  # type: ignore[assignment]
+        st = _state(seq)
         params = st.req.params
         seq.output_ids.append(tok)
         st.row.record(tok)
@@ -223,8 +229,7 @@ class EngineCore:
 
     def _finish(self, seq: Seq) -> None:
         self.scheduler.finish(seq)
-        st: SeqState = seq.payload  # type: ignore[assignment]
-        st.req.num_finished += 1
+        _state(seq).req.num_finished += 1
 
 
 class AsyncEngine:

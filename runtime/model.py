@@ -201,7 +201,9 @@ class CausalLM(nn.Module):
         self.config = config
         self.dtype = dtype
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_layers))
+        layers = [DecoderLayer(config, dtype) for _ in range(config.num_layers)]
+        self.layers = nn.ModuleList(layers)
+        self._decoder_layers = layers  # the same modules, typed
         self.norm = nn.Parameter(torch.ones(config.hidden_size, dtype=dtype))
         self.lm_head: nn.Linear | None = None
         if config.head_kind == "lm" and not config.tie_word_embeddings:
@@ -216,7 +218,12 @@ class CausalLM(nn.Module):
             self.score_head = nn.Sequential(
                 nn.Linear(h, h, dtype=dtype), nn.ReLU(), nn.Linear(h, 1, dtype=dtype)
             )
+        self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """The layers, typed (nn.ModuleList iterates as plain Modules)."""
+        return self._decoder_layers
 
     def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, hd/2]
@@ -229,7 +236,7 @@ class CausalLM(nn.Module):
         x = self.embed_tokens(batch.input_ids)  # [T, H]
         cos, sin = self._rope(batch.positions)
         meta = build_attn_meta(batch)
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers()):
             x = layer(x, cos, sin, pool.k[i], pool.v[i], meta)
         return x
 

@@ -134,7 +134,7 @@ def load_into_model(
     with torch.no_grad():
         model.embed_tokens.weight.copy_(_take(sd, "model.embed_tokens.weight", (cfg.vocab_size, h), source))
         model.norm.copy_(_take(sd, "model.norm.weight", (h,), source))
-        for i, layer in enumerate(model.layers):
+        for i, layer in enumerate(model.decoder_layers()):
             p = f"model.layers.{i}."
             qkv = [
                 _take(sd, p + "self_attn.q_proj.weight", (nq, h), source),
