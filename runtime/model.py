@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from runtime import triton_attention
+from runtime import cpu_attention, triton_attention
 from runtime.config import ModelConfig
 from runtime.kv_pool import KVPool
 
@@ -165,6 +165,14 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, grp: AttnGroup) -> Tens
     """q `[t, nh, hd]` of one group -> `[t, nh * hd]`."""
     if grp.q_index is None and grp.seq_lens is not None and q.is_cuda and triton_attention.available():
         return triton_attention.decode_attention(q, k_cache, v_cache, grp.block_table, grp.seq_lens)
+    if (
+        grp.q_index is None
+        and grp.seq_lens is not None
+        and not q.is_cuda
+        and q.dtype == k_cache.dtype == torch.float32
+        and cpu_attention.available()
+    ):
+        return cpu_attention.paged_decode_attention(q, k_cache, v_cache, grp.block_table, grp.seq_lens)
     t, nh, hd = q.shape
     n_kv = k_cache.shape[1]
     b = grp.block_table.shape[0]

@@ -1,0 +1,101 @@
+"""Paged decode attention for the CPU: reads K/V through the slot table, no gathered copies.
+
+The torch path gathers every sequence's K and V (`index_select`) into a padded batch before SDPA;
+at batch 64 that copy costs as much as the layer's matmuls. This Numba kernel walks the slot table
+directly, one (sequence, kv head) per work item, scoring all the GQA group's queries against
+each key as it is read. Semantics equal the torch path (masked by `seq_lens`, softmax in fp32).
+Set `NURSERVE_CPU_ATTENTION=torch` to turn it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@functools.cache
+def _kernel() -> Any:
+    """Compile (or load from Numba's cache) the kernel; None when Numba is unavailable."""
+    if os.environ.get("NURSERVE_CPU_ATTENTION", "numba") != "numba":
+        return None
+    try:
+        import numba
+    except ImportError:
+        return None
+    if numba.config.THREADING_LAYER == "default":
+        numba.config.THREADING_LAYER = "workqueue"  # plain pthreads: no second OpenMP runtime
+
+    @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True, boundscheck=False)
+    def paged_decode(q, k, v, table, seq_lens, out, scale):  # type: ignore[no-untyped-def]
+        # q [B, nkv, g, hd]; k, v [S, nkv, hd]; table [B, L]; seq_lens [B]; out [B, nkv, g, hd]
+        n_b, n_kv, g, hd = q.shape
+        for item in numba.prange(n_b * n_kv):
+            b = item // n_kv
+            h = item % n_kv
+            n = seq_lens[b]
+            scores = np.empty((g, n), dtype=np.float32)
+            for l in range(n):
+                s = table[b, l]
+                for j in range(g):
+                    d = np.float32(0.0)
+                    for i in range(hd):
+                        d += q[b, h, j, i] * k[s, h, i]
+                    scores[j, l] = d * scale
+            for j in range(g):
+                m = scores[j, 0]
+                for l in range(1, n):
+                    m = max(m, scores[j, l])
+                tot = np.float32(0.0)
+                for l in range(n):
+                    p = np.exp(scores[j, l] - m)
+                    scores[j, l] = p
+                    tot += p
+                for i in range(hd):
+                    out[b, h, j, i] = 0.0
+                for l in range(n):
+                    s = table[b, l]
+                    p = scores[j, l] / tot
+                    for i in range(hd):
+                        out[b, h, j, i] += p * v[s, h, i]
+
+    return paged_decode
+
+
+def available() -> bool:
+    return _kernel() is not None
+
+
+def paged_decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor
+) -> Tensor:
+    """q `[B, nh, hd]` fp32 over `k_cache`/`v_cache` `[S, nkv, hd]` -> `[B, nh * hd]`."""
+    kernel = _kernel()
+    assert kernel is not None, "Numba is not available"
+    b, nh, hd = q.shape
+    n_kv = k_cache.shape[1]
+    numba_threads(torch.get_num_threads())
+    qn = q.reshape(b, n_kv, nh // n_kv, hd).contiguous().numpy()  # [B, nkv, g, hd]
+    out = np.empty_like(qn)
+    kernel(
+        qn,
+        k_cache.numpy(),
+        v_cache.numpy(),
+        block_table.numpy(),
+        seq_lens.numpy(),
+        out,
+        np.float32(1.0 / np.sqrt(hd)),
+    )
+    return torch.from_numpy(out).view(b, nh * hd)
+
+
+@functools.cache
+def numba_threads(n: int) -> None:
+    """Match Numba's worker count to torch's intra-op threads (once per value)."""
+    import numba
+
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
