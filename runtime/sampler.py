@@ -108,6 +108,7 @@ class SamplingBatch:
     needs_penalties: bool = False  # N > 0
     needs_eos_shaping: bool = False  # some EOS logit changes this step
     needs_mask: bool = False  # some sampled row has top_k < V or top_p < 1
+    mask_candidates: int = 0  # top-k/top-p look at this many best tokens first (0 = full sort)
 
 
 def build_sampling_batch(
@@ -122,6 +123,7 @@ def build_sampling_batch(
     counts: list[int] = []
     row_ptr = [0]
     needs_mask = needs_eos = False
+    max_k = 0  # largest top_k among the masked rows (vocab_size if one of them keeps it all)
     for row in rows:
         p = row.params
         g = p.greedy
@@ -130,7 +132,9 @@ def build_sampling_batch(
         temperature.append(1.0 if g else p.temperature)
         top_k.append(vocab_size if g else k)
         top_p.append(1.0 if g else p.top_p)
-        needs_mask |= not g and (k < vocab_size or p.top_p < 1.0)
+        if not g and (k < vocab_size or p.top_p < 1.0):
+            needs_mask = True
+            max_k = max(max_k, k)
         repetition.append(p.repetition_penalty)
         frequency.append(p.frequency_penalty)
         presence.append(p.presence_penalty)
@@ -174,6 +178,7 @@ def build_sampling_batch(
         needs_penalties=len(token_ids) > 0,
         needs_eos_shaping=bool(eos) and needs_eos,
         needs_mask=needs_mask,
+        mask_candidates=min(vocab_size, max(max_k, 64) if max_k < vocab_size else CANDIDATES),
     )
 
 
@@ -209,13 +214,29 @@ def row_uniforms(seeds: Tensor, steps: Tensor) -> Tensor:
 # ---------------------------------------------------------------- masking and drawing
 
 
-def topk_topp_mask(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+CANDIDATES = 1024  # top-p over the whole vocabulary first tries the 1024 most likely tokens
+
+
+def topk_topp_mask(probs: Tensor, top_k: Tensor, top_p: Tensor, candidates: int = 0) -> Tensor:
     """Tokens kept by top-k/top-p, in vocabulary order. [B, V] -> [B, V] bool.
 
     Sorted descending (stably), a token is dropped when its rank >= top_k or when the
     *exclusive* cumulative probability before it is > top_p (the token crossing top_p is kept);
-    top_p >= 1 keeps every token.
+    top_p >= 1 keeps every token. With `candidates` > 0 only the best `candidates` tokens are
+    sorted (`topk`), which decides every row whose top_k fits or whose candidates' mass already
+    exceeds top_p; otherwise (one host check) the full sort runs.
     """
+    n_vocab = probs.shape[-1]
+    if 0 < candidates < n_vocab:
+        vals, idx = probs.topk(candidates, dim=-1)  # [B, C] descending
+        decided = (top_k <= candidates) | ((top_p < 1.0) & (vals.sum(-1) > top_p))  # [B]
+        if bool(decided.all()):
+            exclusive = vals.cumsum(dim=-1) - vals  # [B, C]
+            ranks = torch.arange(candidates, device=probs.device)  # [C]
+            keep = (ranks[None, :] < top_k[:, None]) & (
+                (exclusive <= top_p[:, None]) | (top_p[:, None] >= 1.0)
+            )  # [B, C]
+            return torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, keep)  # [B, V]
     sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # [B, V]
     exclusive = sorted_p.cumsum(dim=-1) - sorted_p  # [B, V]
     ranks = torch.arange(probs.shape[-1], device=probs.device)  # [V]
@@ -287,11 +308,37 @@ class Sampler:
             return tokens, chosen - torch.logsumexp(x, dim=-1)
 
         x = self.shaped_logits(logits, batch)  # [B, V]
-        logp = torch.log_softmax(x / batch.temperature[:, None], dim=-1)  # [B, V]
-        probs = logp.exp()  # [B, V]
-        if batch.needs_mask:
-            probs = probs * topk_topp_mask(probs, batch.top_k, batch.top_p)  # [B, V]
+        xt = x / batch.temperature[:, None]  # [B, V]
+        lse = torch.logsumexp(xt, dim=-1)  # [B]
         u = row_uniforms(batch.seeds, batch.steps)  # [B] fp64
-        drawn = sample_inverse_cdf(probs, u)  # [B]
+        drawn = None
+        if batch.needs_mask and 0 < batch.mask_candidates < x.shape[-1]:
+            drawn = _draw_from_candidates(xt, lse, u, batch)
+        if drawn is None:  # whole-vocabulary path
+            probs = (xt - lse[:, None]).exp()  # [B, V]
+            if batch.needs_mask:
+                probs = probs * topk_topp_mask(probs, batch.top_k, batch.top_p)  # [B, V]
+            drawn = sample_inverse_cdf(probs, u)  # [B]
         tokens = torch.where(batch.greedy, x.argmax(dim=-1), drawn)  # [B]
-        return tokens, logp.gather(1, tokens[:, None])[:, 0]
+        return tokens, xt.gather(1, tokens[:, None])[:, 0] - lse
+
+
+def _draw_from_candidates(xt: Tensor, lse: Tensor, u: Tensor, batch: SamplingBatch) -> Tensor | None:
+    """The same draw as the whole-vocabulary path, over the `mask_candidates` best tokens only.
+
+    None when some row's kept set may reach past the candidates (one host check).
+    """
+    n_cand = batch.mask_candidates
+    vals, idx = xt.topk(n_cand, dim=-1)  # [B, C] descending
+    probs = (vals - lse[:, None]).exp()  # [B, C]
+    decided = (batch.top_k <= n_cand) | ((batch.top_p < 1.0) & (probs.sum(-1) > batch.top_p))
+    if not bool(decided.all()):
+        return None
+    exclusive = probs.cumsum(dim=-1) - probs  # [B, C]
+    ranks = torch.arange(n_cand, device=xt.device)  # [C]
+    keep = (ranks[None, :] < batch.top_k[:, None]) & (
+        (exclusive <= batch.top_p[:, None]) | (batch.top_p[:, None] >= 1.0)
+    )  # [B, C]
+    vocab_order, perm = idx.sort(dim=-1)  # [B, C]: kept weights in vocabulary order, as the full path
+    weights = (probs * keep).gather(1, perm)  # [B, C]
+    return vocab_order.gather(1, sample_inverse_cdf(weights, u)[:, None])[:, 0]  # [B]

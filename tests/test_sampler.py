@@ -290,3 +290,35 @@ def test_penalty_backend_on_cpu(backend: str) -> None:
     shaped = Sampler(backend).shaped_logits(torch.from_numpy(logits), batch)  # type: ignore[arg-type]
     for b, case in enumerate(cases):
         np.testing.assert_allclose(shaped[b].numpy(), ref_shaped(logits[b], case, EOS), atol=1e-5)
+
+
+def test_candidate_draw_equals_whole_vocabulary_draw() -> None:
+    """The top-`mask_candidates` fast path draws exactly what the full-sort path draws."""
+    import dataclasses
+
+    from runtime.sampling_params import parse_sampling_params
+
+    gen = torch.Generator().manual_seed(5)
+    vocab = 3000
+    logits = torch.randn(12, vocab, generator=gen) * 3  # [B, V]
+    settings = [
+        {"top_k": 5},
+        {"top_p": 0.9},
+        {"top_k": 40, "top_p": 0.5},
+        {"top_p": 0.99, "temperature": 0.7},
+    ]
+    rows = []
+    for i in range(12):
+        params = parse_sampling_params({"do_sample": True, "seed": 100 + i, **settings[i % 4]})
+        rows.append(RowState.start(params, [], 0))
+    batch = build_sampling_batch(rows, [2], vocab, "cpu")
+    assert 0 < batch.mask_candidates < vocab
+    from runtime.sampler import _draw_from_candidates
+
+    xt = logits / batch.temperature[:, None]
+    lse = torch.logsumexp(xt, -1)
+    assert _draw_from_candidates(xt, lse, torch.rand(12, dtype=torch.float64), batch) is not None
+    fast = Sampler().sample(logits, batch)
+    slow = Sampler().sample(logits, dataclasses.replace(batch, mask_candidates=0))
+    assert torch.equal(fast[0], slow[0])
+    assert torch.allclose(fast[1], slow[1])
