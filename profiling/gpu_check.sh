@@ -2,7 +2,8 @@
 # One prepared GPU check for a borrowed H100/H200 (< 8 minutes). Run from the repo root:
 #   bash profiling/gpu_check.sh            # results under $OUT (or /tmp/nurserve_gpu_out)
 # Steps: environment, pytest of tests/test_graph_runner.py (its CUDA parts included), the GPU
-# checks (profiling/gpu_tests.py), the benchmarks (profiling/gpu_bench.py), then a merged report:
+# checks (profiling/gpu_tests.py), the reward-head kernel check (profiling/gpu_reward_check.py),
+# the benchmarks (profiling/gpu_bench.py), then a merged report:
 #   $OUT/gpu_results.json, $OUT/gpu_results.md, and one log per step.
 # A failed or timed-out step is recorded and the next one still runs.
 set -o pipefail
@@ -61,6 +62,7 @@ run_step env 30 env.log bash -c env_info
 run_step pytest 90 pytest.log "$PY" -m pytest -c /dev/null --rootdir . -q -rs -p no:cacheprovider \
     tests/test_graph_runner.py
 run_step gpu_tests 170 tests.log "$PY" profiling/gpu_tests.py --out "$WORK/gpu_tests.json"
+run_step reward 45 reward.log "$PY" profiling/gpu_reward_check.py "$OUT/reward.json"
 run_step gpu_bench 200 bench.log "$PY" profiling/gpu_bench.py bench --out "$WORK/gpu_bench.json"
 timeout 30 "$PY" profiling/gpu_bench.py report --tests "$WORK/gpu_tests.json" \
     --bench "$WORK/gpu_bench.json" --steps "$WORK/steps.tsv" --out "$OUT/gpu_results" \
