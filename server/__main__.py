@@ -17,8 +17,9 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from .app import ENGINE_DEATH_EXIT_STATUS, create_app
+from .app import ENGINE_DEATH_EXIT_STATUS, create_app, get_app_state
 from .settings import Settings, parse_args
+from .state import ServerState
 
 log = logging.getLogger("nurserve.server")
 
@@ -40,12 +41,13 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
-async def _watch_signals(stop: trio.Event) -> None:
-    """First SIGTERM/SIGINT: graceful stop; a second one: exit now."""
+async def _watch_signals(stop: trio.Event, state: ServerState) -> None:
+    """First SIGTERM/SIGINT: graceful stop (/readiness turns 503); a second one: exit now."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             if not stop.is_set():
                 log.info("received %s: draining in-flight requests", signal.Signals(signum).name)
+                state.shutting_down = True
                 stop.set()
             else:
                 log.warning("second signal: exiting now")
@@ -72,7 +74,7 @@ async def _serve(settings: Settings) -> int:
     app = create_app(settings, on_engine_death=on_engine_death)
     config = hypercorn_config(settings)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, stop)
+        nursery.start_soon(_watch_signals, stop, get_app_state(app))
         await serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
         nursery.cancel_scope.cancel()
     return status

@@ -14,9 +14,12 @@ status 3 so that a supervisor restarts it.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
+import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -43,12 +46,32 @@ def build_engine(settings: Settings) -> EngineLike:
     return engine
 
 
+def _hypercorn_master_pid() -> int | None:
+    """The pid of the hypercorn CLI master when this process is one of its workers."""
+    parent = multiprocessing.parent_process()
+    if parent is None or parent.pid is None:
+        return None
+    try:
+        cmdline = Path(f"/proc/{parent.pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return parent.pid if b"hypercorn" in cmdline else None
+
+
 def exit_process(exc: BaseException) -> None:
-    """Default death hook: flush the logs and leave with status 3 (works under any launcher)."""
+    """Default death hook: flush the logs and leave with status 3 (works under any launcher).
+
+    Under the hypercorn CLI's worker processes (the default `--workers 1`), the master returns
+    0 whatever status its worker exits with (hypercorn 0.18 `run.py` overwrites the status),
+    so the worker also SIGKILLs its master: the supervisor then sees a non-zero status (-9).
+    """
     log.critical("engine died (%r); exiting with status %d", exc, ENGINE_DEATH_EXIT_STATUS)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    master = _hypercorn_master_pid()
+    if master is not None:
+        os.kill(master, signal.SIGKILL)
     os._exit(ENGINE_DEATH_EXIT_STATUS)
 
 

@@ -78,7 +78,17 @@ def error_response(error: ApiError) -> Response:
     state.count_http_error(error.status)
     if error.status < 500:
         state.counters.request_invalid += 1
-    return json_response(error.body(), error.status, error.headers)
+    headers = dict(error.headers)
+    if error.status == 413 or _body_unread():
+        # The rest of the body will never be read: the connection cannot carry another request.
+        headers["Connection"] = "close"
+    return json_response(error.body(), error.status, headers)
+
+
+def _body_unread() -> bool:
+    """True when the request body has not fully arrived (answered before it was read)."""
+    complete = getattr(getattr(request, "body", None), "_complete", None)
+    return complete is not None and not complete.is_set()
 
 
 def _http_message(error: HTTPException) -> tuple[str, str | None]:

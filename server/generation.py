@@ -12,7 +12,7 @@ from runtime.engine_api import EngineDead, ErrorEvent, QueueFull, TokenEvent
 
 from .errors import BUSY, SERVER, ApiError, json_response
 from .state import Live, ServerState, get_state
-from .stream import start_stream, stream_body, token_dict
+from .stream import start_stream, stream_response_body, token_dict
 from .validation import GenerateRequest, read_json_object, validate_generate, validate_score
 
 bp = Blueprint("generation", __name__)
@@ -171,7 +171,7 @@ async def _generate_stream(req: GenerateRequest, state: ServerState) -> Response
     except EngineDead as exc:
         raise dead_error(exc) from None
     response = current_app.response_class(
-        stream_body(job),
+        stream_response_body(job),
         status=200,
         content_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},

@@ -56,7 +56,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "data_type",
         "str",
-        "weight/activation dtype; unset = the checkpoint's torch_dtype",
+        "weight/activation dtype; unset = bf16 on a GPU, fp32 on the CPU",
         engine=True,
         choices=("fp32", "bf16", "fp16"),
     ),
@@ -107,21 +107,38 @@ OPTIONS: tuple[Option, ...] = (
         "device", "str", "torch device (cuda, cuda:1, cpu); unset = cuda if available", engine=True
     ),
     Option("seed", "int", "seed of the engine's default random generator", engine=True),
+    Option(
+        "router_token_ratio",
+        "float",
+        "KV use above which the admission estimate turns conservative",
+        engine=True,
+    ),
+    Option(
+        "router_max_new_token_len",
+        "int",
+        "expected output length for the optimistic admission estimate",
+        engine=True,
+    ),
+    Option(
+        "cpu_kv_cache_bytes",
+        "int",
+        "KV-cache budget on the CPU when --max_total_token_num is unset",
+        engine=True,
+    ),
+    Option("num_threads", "int", "torch intra-op threads on the CPU", engine=True),
     # --- HTTP server (ours) ---
-    Option("host", "str", "address to bind (python -m server only)"),
-    Option("port", "int", "port to bind (python -m server only)"),
+    Option("host", "str", "address to bind [launcher]"),
+    Option("port", "int", "port to bind [launcher]"),
     Option(
         "backlog",
         "int",
-        "listen backlog; Hypercorn's default 100 drops connections in "
-        "bursts (python -m server only)",
+        "listen backlog; Hypercorn's default 100 drops connections in bursts [launcher]",
     ),
     Option("max_body_bytes", "int", "largest request body; larger bodies get 413"),
     Option(
         "shutdown_grace_s",
         "float",
-        "on SIGTERM, how long in-flight requests may run "
-        "before they are cut (python -m server only)",
+        "on SIGTERM, how long in-flight requests may run before they are cut [launcher]",
     ),
     Option(
         "stall_timeout_s",
@@ -137,15 +154,15 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "keep_alive_s",
         "float",
-        "idle keep-alive timeout of client connections (python -m server only)",
+        "idle keep-alive timeout of client connections [launcher]",
     ),
     Option(
         "startup_timeout_s",
         "float",
-        "how long model loading may take before Hypercorn gives up (python -m server only)",
+        "how long model loading may take before Hypercorn gives up [launcher]",
     ),
     Option("log_level", "str", "log level", choices=("debug", "info", "warning", "error")),
-    Option("access_log", "bool", "log every request (costs CPU under load; python -m server only)"),
+    Option("access_log", "bool", "log every request (costs CPU under load) [launcher]"),
 )
 OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 
@@ -170,6 +187,10 @@ class Settings:
     graph_max_len_in_batch: int | None = None
     device: str | None = None
     seed: int | None = None
+    router_token_ratio: float | None = None
+    router_max_new_token_len: int | None = None
+    cpu_kv_cache_bytes: int | None = None
+    num_threads: int | None = None
     host: str = "127.0.0.1"
     port: int = 8080
     backlog: int = 2048
@@ -206,6 +227,9 @@ class Settings:
             "graph_max_len_in_batch",
             "max_body_bytes",
             "backlog",
+            "router_max_new_token_len",
+            "cpu_kv_cache_bytes",
+            "num_threads",
         )
         for name in positive:
             value = getattr(self, name)
@@ -295,7 +319,8 @@ def build_arg_parser(env_defaults: Settings | None = None) -> argparse.ArgumentP
     parser = argparse.ArgumentParser(
         prog="python -m server",
         description="nurserve: a LightLLM-compatible inference server (Quart-Trio on Hypercorn). "
-        "Every flag can also be set with the environment variable shown in brackets.",
+        "Every flag can also be set with the environment variable shown in brackets. "
+        "Exit status: 0 after a SIGTERM/SIGINT drain, 3 when the engine died, 2 on bad flags.",
     )
     for opt in OPTIONS:
         current = getattr(defaults, opt.name)

@@ -209,6 +209,11 @@ def metrics_text(state: ServerState, load: LoadFigures | None, model_name: str) 
             [("", 0.0 if state.health_problem() else 1.0)],
         ),
     ]
+    steps = getattr(state.engine, "steps_done", None)
+    if isinstance(steps, int):
+        rows.append(
+            ("nurserve_engine_steps_total", "counter", "engine steps completed", [("", steps)])
+        )
     if load is not None:
         rows += [
             ("lightllm_queue_size", "gauge", "requests waiting", [("", load.waiting_reqs)]),

@@ -10,8 +10,10 @@ scope around a `yield`); when the client leaves, Quart closes the generator and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import weakref
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +30,7 @@ log = logging.getLogger("nurserve.server")
 
 # A producer whose response body was never iterated (client gone between the handler and the
 # first write) aborts its request after this long.
-CONSUMER_START_TIMEOUT_S = 10.0
+CONSUMER_START_TIMEOUT_S = 5.0
 
 
 def token_dict(ev: TokenEvent) -> dict[str, Any]:
@@ -176,6 +178,27 @@ def _count_outcome(state: ServerState, outcome: str) -> None:
         c.request_aborted += 1
     else:
         c.request_failure += 1
+
+
+def stream_response_body(job: StreamJob) -> AsyncGenerator[bytes, None]:
+    """The body generator, also aborting the job if it is dropped without ever being iterated.
+
+    A client that disconnects after the handler returned but before the first write leaves a
+    generator that never started (so its `finally` never runs); a weakref finalizer then
+    aborts the producer through the Trio token (safe from a GC callback).
+    """
+    body = stream_body(job)
+    token = trio.lowlevel.current_trio_token()
+    weakref.finalize(body, _abort_soon, token, job)
+    return body
+
+
+def _abort_soon(token: trio.lowlevel.TrioToken, job: StreamJob) -> None:
+    """Schedule `job.abort()` on the Trio thread (no-op once the run is over)."""
+    if job.consumer_started:
+        return
+    with contextlib.suppress(trio.RunFinishedError):
+        token.run_sync_soon(job.abort)
 
 
 async def stream_body(job: StreamJob) -> AsyncGenerator[bytes, None]:

@@ -191,7 +191,7 @@ def check_length(prompt_len: int, params: SamplingParams, info: ModelInfo) -> No
     max_new = params.max_new_tokens
     if prompt_len >= limit:
         bad(
-            f"the prompt has {prompt_len} tokens, which leaves no room to generate under "
+            f"the prompt (inputs) has {prompt_len} tokens, which leaves no room to generate under "
             f"max_req_total_len ({limit}); shorten the prompt to at most {limit - 1} tokens",
             "inputs",
         )

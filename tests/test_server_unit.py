@@ -6,6 +6,7 @@ KV accounting and fault injection) around them, so an app start costs millisecon
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,9 +20,12 @@ from quart_trio import QuartTrio
 from runtime.engine import AsyncEngine, EngineCore
 from runtime.engine_args import EngineArgs
 from runtime.model_runner import ModelRunner, load_runner
+from runtime.sampling_params import parse_sampling_params
 from runtime.tokenizer import Tokenizer
 from server.app import create_app, get_app_state
 from server.settings import OPTIONS, Settings, markdown_table, parse_args
+from server.stream import start_stream, stream_response_body
+from server.validation import GenerateRequest
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +76,9 @@ async def serving(app: QuartTrio) -> AsyncIterator[Any]:
 async def post_stream(client: Any, path: str, body: Any) -> tuple[int, Any, bytes]:
     """POST and read the body while the app writes it (the test client's `post` waits for the
     app to finish first, which deadlocks on more than 10 body chunks)."""
-    async with client.request(path, method="POST", headers={"Content-Type": "application/json"}) as conn:
+    async with client.request(
+        path, method="POST", headers={"Content-Type": "application/json"}
+    ) as conn:
         await conn.send(json.dumps(body).encode())
         await conn.send_complete()
         data = bytearray()
@@ -82,6 +88,15 @@ async def post_stream(client: Any, path: str, body: Any) -> tuple[int, Any, byte
             except trio.EndOfChannel:
                 break
     return conn.status_code, conn.headers, bytes(data)
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float) -> None:
+    """Poll `predicate` until true (TooSlowError after `timeout_s`)."""
+    with trio.fail_after(timeout_s):
+        while True:
+            if predicate():
+                return
+            await trio.sleep(0.01)
 
 
 def sse_events(body: bytes) -> list[dict[str, Any]]:
@@ -107,9 +122,19 @@ def test_settings_from_env_and_flags() -> None:
         "NURSERVE_MAX_BODY_BYTES": "1000",
     }
     s = Settings.from_env(env)
-    assert (s.max_total_token_num, s.eos_id, s.disable_cudagraph, s.port) == (1234, [2, 7], True, 9000)
+    assert (s.max_total_token_num, s.eos_id, s.disable_cudagraph, s.port) == (
+        1234,
+        [2, 7],
+        True,
+        9000,
+    )
     flags = parse_args(["--port", "9100", "--eos_id", "3", "4", "--mem_fraction", "0.5"], env)
-    assert (flags.port, flags.eos_id, flags.mem_fraction, flags.max_body_bytes) == (9100, [3, 4], 0.5, 1000)
+    assert (flags.port, flags.eos_id, flags.mem_fraction, flags.max_body_bytes) == (
+        9100,
+        [3, 4],
+        0.5,
+        1000,
+    )
     args = flags.to_engine_args()
     assert isinstance(args, EngineArgs)
     assert (args.max_total_token_num, args.eos_id, args.disable_cudagraph) == (1234, [3, 4], True)
@@ -180,7 +205,12 @@ async def test_generate_seed_example(make_app: Factory) -> None:
         assert r.status_code == 200, await r.get_data()
         assert r.headers["Content-Type"] == "application/json"
         body = await r.get_json()
-        assert list(body) == ["generated_text", "count_output_tokens", "finish_reason", "prompt_tokens"]
+        assert list(body) == [
+            "generated_text",
+            "count_output_tokens",
+            "finish_reason",
+            "prompt_tokens",
+        ]
         assert isinstance(body["generated_text"], list) and len(body["generated_text"]) == 1
         assert body["count_output_tokens"] == 17
         assert body["finish_reason"] == "length"
@@ -198,7 +228,15 @@ async def test_generate_seed_example(make_app: Factory) -> None:
         detailed = await r.get_json()
         toks = detailed["tokens"]
         assert len(toks) == 17 and detailed["generated_text"] == body["generated_text"]
-        assert set(toks[0]) >= {"id", "text", "logprob", "cumlogprob", "special", "count_output_tokens", "prompt_tokens"}
+        assert set(toks[0]) >= {
+            "id",
+            "text",
+            "logprob",
+            "cumlogprob",
+            "special",
+            "count_output_tokens",
+            "prompt_tokens",
+        }
         assert "".join(t["text"] for t in toks) == body["generated_text"][0]
         assert toks[-1]["cumlogprob"] == pytest.approx(sum(t["logprob"] for t in toks), rel=1e-5)
         assert [t["count_output_tokens"] for t in toks] == list(range(1, 18))
@@ -221,18 +259,36 @@ async def test_generate_stream_framing(make_app: Factory) -> None:
         assert len(events) == 17
         for i, ev in enumerate(events, 1):
             assert list(ev) == ["token", "generated_text", "finished", "finish_reason", "details"]
-            assert list(ev["token"]) == ["id", "text", "logprob", "special", "count_output_tokens", "prompt_tokens"]
+            assert list(ev["token"]) == [
+                "id",
+                "text",
+                "logprob",
+                "special",
+                "count_output_tokens",
+                "prompt_tokens",
+            ]
             assert ev["token"]["count_output_tokens"] == i and ev["token"]["prompt_tokens"] == 4
             assert ev["generated_text"] is None and ev["details"] is None
             assert ev["finished"] is (i == 17)
             assert ev["finish_reason"] == ("length" if i == 17 else None)
         r = await client.post("/generate", json=SEED_BODY)
-        assert "".join(e["token"]["text"] for e in events) == (await r.get_json())["generated_text"][0]
+        assert (
+            "".join(e["token"]["text"] for e in events) == (await r.get_json())["generated_text"][0]
+        )
 
 
 async def test_n_greater_than_one(make_app: Factory) -> None:
     async with serving(make_app()) as client:
-        body = {"inputs": "Once upon a time", "parameters": {"n": 2, "max_new_tokens": 5, "do_sample": True, "seed": 7, "return_details": True}}
+        body = {
+            "inputs": "Once upon a time",
+            "parameters": {
+                "n": 2,
+                "max_new_tokens": 5,
+                "do_sample": True,
+                "seed": 7,
+                "return_details": True,
+            },
+        }
         r = await client.post("/generate", json=body)
         out = await r.get_json()
         assert r.status_code == 200, out
@@ -257,7 +313,12 @@ async def test_stop_sequence_and_eos(make_app: Factory) -> None:
         assert out["generated_text"][0].endswith(stop) and text.startswith(out["generated_text"][0])
         # EOS counts as an output token and adds "" to the text.
         chat = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
-        out = await (await client.post("/generate", json={"inputs": chat, "parameters": {"max_new_tokens": 64, "return_details": True}})).get_json()
+        out = await (
+            await client.post(
+                "/generate",
+                json={"inputs": chat, "parameters": {"max_new_tokens": 64, "return_details": True}},
+            )
+        ).get_json()
         if out["finish_reason"] == "stop":
             last = out["tokens"][-1]
             assert last["text"] == "" and last["count_output_tokens"] == out["count_output_tokens"]
@@ -265,7 +326,8 @@ async def test_stop_sequence_and_eos(make_app: Factory) -> None:
 
 # ------------------------------------------------------------------ validation
 
-BAD_REQUESTS: list[tuple[str, Any, int, str]] = [
+# fmt: off
+BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
     # (path, body (bytes = raw), status, field)
     ("/generate", b"{not json", 400, "body"),
     ("/generate", b"", 400, "body"),
@@ -309,10 +371,13 @@ BAD_REQUESTS: list[tuple[str, Any, int, str]] = [
     ("/get_score", {"chat": "hi"}, 400, None),
     ("/generate", b'{"inputs": "' + b"a" * 70_000 + b'"}', 413, "body"),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize(("path", "body", "status", "field"), BAD_REQUESTS)
-async def test_bad_request(make_app: Factory, path: str, body: Any, status: int, field: str | None) -> None:
+async def test_bad_request(
+    make_app: Factory, path: str, body: Any, status: int, field: str | None
+) -> None:
     app = make_app()
     async with serving(app) as client:
         if isinstance(body, bytes):
@@ -331,10 +396,17 @@ async def test_bad_request(make_app: Factory, path: str, body: Any, status: int,
 
 async def test_length_error_names_the_numbers(make_app: Factory) -> None:
     async with serving(make_app()) as client:
-        r = await client.post("/generate", json={"inputs": [1, 2, 3], "parameters": {"max_new_tokens": MAX_LEN}})
+        r = await client.post(
+            "/generate", json={"inputs": [1, 2, 3], "parameters": {"max_new_tokens": MAX_LEN}}
+        )
         msg = (await r.get_json())["message"]
         assert r.status_code == 400
-        assert "max_new_tokens" in msg and str(MAX_LEN) in msg and "3" in msg and "max_req_total_len" in msg
+        assert (
+            "max_new_tokens" in msg
+            and str(MAX_LEN) in msg
+            and "3" in msg
+            and "max_req_total_len" in msg
+        )
 
 
 # ------------------------------------------------------------------ backpressure, abort, death
@@ -355,20 +427,44 @@ async def test_stream_disconnect_aborts_request(make_app: Factory) -> None:
     app = make_app()
     async with serving(app) as client:
         state = get_app_state(app)
-        body = json.dumps({"inputs": "Tell me a long story", "parameters": {"max_new_tokens": 400, "ignore_eos": True}}).encode()
-        async with client.request("/generate_stream", method="POST", headers={"Content-Type": "application/json"}) as conn:
-            await conn.send(body)
-            await conn.send_complete()
-            first = await conn.receive()
-            assert first.startswith(b"data:{")
-            assert state.in_flight == 1
-            await conn.disconnect()
-        with trio.fail_after(5):
-            while state.in_flight or state.engine.load().current_load > 0:  # type: ignore[union-attr]
-                await trio.sleep(0.01)
+        body = json.dumps(
+            {
+                "inputs": "Tell me a long story",
+                "parameters": {"max_new_tokens": 400, "ignore_eos": True},
+            }
+        ).encode()
+        with trio.CancelScope() as scope:
+            async with client.request(
+                "/generate_stream", method="POST", headers={"Content-Type": "application/json"}
+            ) as conn:
+                await conn.send(body)
+                await conn.send_complete()
+                first = await conn.receive()
+                assert first.startswith(b"data:{")
+                assert state.in_flight == 1
+                await conn.disconnect()
+                scope.cancel()  # the test client would wait for a body end that never comes
+        await wait_until(lambda: state.in_flight == 0 and state.engine.load().current_load == 0, 5)  # type: ignore[union-attr]
         assert state.counters.request_aborted == 1
         r = await client.post("/generate", json=SEED_BODY)
         assert (await r.get_json())["count_output_tokens"] == 17
+
+
+async def test_never_read_stream_is_aborted(make_app: Factory) -> None:
+    """A stream whose body is dropped before its first write (client gone in between)."""
+    app = make_app()
+    async with serving(app):
+        state = get_app_state(app)
+        params = parse_sampling_params({"max_new_tokens": 400, "ignore_eos": True})
+        job = await start_stream(
+            state, app.nursery, GenerateRequest([1, 2, 3], params, False, True)
+        )
+        body = stream_response_body(job)
+        assert state.in_flight == 1
+        del body  # never iterated: only the weakref finalizer can abort the request
+        gc.collect()
+        await wait_until(lambda: state.in_flight == 0, 2)  # the watchdog alone would take 5 s
+        assert state.counters.request_aborted == 1
 
 
 async def test_engine_death(make_app: Factory) -> None:
@@ -380,10 +476,11 @@ async def test_engine_death(make_app: Factory) -> None:
         assert status == 200
         events = sse_events(data)
         assert events[-1]["finished"] is True and events[-1]["finish_reason"] == "error"
-        assert events[-1]["error"]["type"] == "server_error" and "fault" in events[-1]["error"]["message"]
-        with trio.fail_after(5):
-            while not deaths:
-                await trio.sleep(0.01)
+        assert (
+            events[-1]["error"]["type"] == "server_error"
+            and "fault" in events[-1]["error"]["message"]
+        )
+        await wait_until(lambda: bool(deaths), 5)
         assert "fault injected" in str(deaths[0])
         for path in ("/health", "/healthz", "/readiness", "/liveness"):
             r = await client.get(path)
