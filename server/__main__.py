@@ -80,6 +80,15 @@ async def _serve(settings: Settings) -> int:
     return status
 
 
+def _leaf_message(exc: BaseException) -> str:
+    """The innermost error of an exception group, as one line."""
+    inner = getattr(exc, "exceptions", None)
+    while inner:
+        exc = inner[0]
+        inner = getattr(exc, "exceptions", None)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     settings = parse_args(argv)
@@ -91,8 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = trio.run(_serve, settings)
     except KeyboardInterrupt:
         status = 1
-    except BaseException:
-        log.exception("server failed")
+    except BaseException as exc:
+        log.debug("server failed", exc_info=exc)
+        log.critical("server failed: %s", _leaf_message(exc))
         status = 1
     if status == ENGINE_DEATH_EXIT_STATUS:
         log.critical("exiting with status %d: the engine died", status)

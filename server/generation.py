@@ -77,7 +77,9 @@ async def _collect(state: ServerState, live: Live, req: GenerateRequest) -> dict
                         continue
                     if isinstance(ev, ErrorEvent):
                         outcome = "failure"
-                        raise ApiError(503, f"engine failed: {ev.message}", None, type_=SERVER)
+                        msg = ev.message
+                        msg = msg if msg.startswith("engine") else f"engine failed: {msg}"
+                        raise ApiError(503, msg, None, type_=SERVER)
                     _add(seqs[ev.seq_index], ev, req.return_details)
                     state.counters.generated_tokens += 1
                     prompt_tokens = ev.prompt_tokens
