@@ -278,14 +278,18 @@ class AsyncEngine:
             raise
 
     def _deliver(self, events: list[tuple[Request, Event]]) -> None:
+        done: list[Request] = []
         for req, ev in events:
             send = self._channels.get(req.req_id)
             if send is None:
                 continue
             send.send_nowait(ev)
             if req.done:
+                done.append(req)
+        for req in done:  # after the loop: all n sequences may finish in one step
+            send = self._channels.pop(req.req_id, None)
+            if send is not None:
                 send.close()
-                del self._channels[req.req_id]
 
     def load(self) -> LoadFigures:
         if self.core is None:
