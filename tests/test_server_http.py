@@ -6,6 +6,8 @@ hypercorn-CLI launch and the engine-death runs start their own processes.
 
 from __future__ import annotations
 
+from contextlib import aclosing
+
 import json
 import random
 import signal
@@ -289,10 +291,11 @@ async def test_dropped_streams_are_aborted(server: ServerProcess) -> None:
                 async with c.stream("POST", "/generate_stream", json=body) as r:
                     assert r.status_code == 200
                     seen = 0
-                    async for chunk in r.aiter_raw():
-                        seen += chunk.count(b"data:")
-                        if seen >= after_events:
-                            break
+                    async with aclosing(r.aiter_raw()) as chunks:  # closed at once when we leave
+                        async for chunk in chunks:
+                            seen += chunk.count(b"data:")
+                            if seen >= after_events:
+                                break
 
         async with trio.open_nursery() as nursery:
             for _ in range(50):
