@@ -68,7 +68,9 @@ class Result:
         return self.output_tokens / self.seconds
 
 
-def make_prompts(tokenizer_encode: Callable[[str], list[int]], n: int, prompt_len: int) -> list[list[int]]:
+def make_prompts(
+    tokenizer_encode: Callable[[str], list[int]], n: int, prompt_len: int
+) -> list[list[int]]:
     prompts = []
     for i in range(n):
         ids = tokenizer_encode(TEMPLATE.format(n=i) * 4)
@@ -93,7 +95,9 @@ def run_engine(args: argparse.Namespace, prompts: list[list[int]]) -> Result:
     runner, tokenizer = load_runner(eargs)
     core = EngineCore(runner, tokenizer, eargs)
     params = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True)
-    warm = core.new_request(0, prompts[0][:16], SamplingParams(max_new_tokens=4, ignore_eos=True), False)
+    warm = core.new_request(
+        0, prompts[0][:16], SamplingParams(max_new_tokens=4, ignore_eos=True), False
+    )
     core.submit(warm)
     while not warm.done:
         core.step()
@@ -106,16 +110,22 @@ def run_engine(args: argparse.Namespace, prompts: list[list[int]]) -> Result:
     while not all(r.done for r in reqs):
         n_tokens += len(core.step())
     seconds = time.perf_counter() - t0
-    return Result("nurserve engine (continuous batching)", len(reqs), n_tokens, seconds, load.cores())
+    return Result(
+        "nurserve engine (continuous batching)", len(reqs), n_tokens, seconds, load.cores()
+    )
 
 
-def run_hf(args: argparse.Namespace, prompts: list[list[int]], batch: int, n_requests: int) -> Result:
+def run_hf(
+    args: argparse.Namespace, prompts: list[list[int]], batch: int, n_requests: int
+) -> Result:
     import transformers
 
     from runtime.default_model import default_model_dir
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.data_type or "fp32"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=dtype).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        default_model_dir(), dtype=dtype
+    ).eval()
     gen = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False)
     with torch.no_grad():  # warm-up
         model.generate(torch.tensor([prompts[0][:16]]), max_new_tokens=4, do_sample=False)
@@ -133,11 +143,15 @@ def run_hf(args: argparse.Namespace, prompts: list[list[int]], batch: int, n_req
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--hf-serial-requests", type=int, default=64, help="requests for the one-at-a-time baseline")
+    ap.add_argument(
+        "--hf-serial-requests", type=int, default=64, help="requests for the one-at-a-time baseline"
+    )
     ap.add_argument("--hf-batches", type=int, nargs="*", default=[8, 32])
     ap.add_argument("--data_type", default=None, help="fp32 (CPU default) or bf16, for both sides")
     ap.add_argument("--batch-max-tokens", type=int, default=None)
@@ -162,19 +176,29 @@ def main() -> None:
         results.append(run_hf(args, prompts, 1, min(args.hf_serial_requests, args.requests)))
         print(f"{results[-1].name}: {results[-1].tok_s:.1f} tok/s", flush=True)
     ours = results[0].tok_s
-    print(f"\n{'system':42s} {'reqs':>5s} {'tokens':>7s} {'s':>8s} {'tok/s':>8s} {'ours/x':>7s} {'other load':>10s}")
+    print(
+        f"\n{'system':42s} {'reqs':>5s} {'tokens':>7s} {'s':>8s} {'tok/s':>8s} {'ours/x':>7s} {'other load':>10s}"
+    )
     for r in results:
         print(
             f"{r.name:42s} {r.requests:5d} {r.output_tokens:7d} {r.seconds:8.1f} {r.tok_s:8.1f} "
             f"{ours / r.tok_s:7.2f} {r.other_load_cores:8.2f} c"
         )
     quiet = all(r.other_load_cores < 0.1 for r in results)
-    print(f"\nmachine quiet during the run: {'yes' if quiet else 'NO'} (other processes' CPU per phase above)")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, dtype {args.data_type or 'fp32'}")
+    print(
+        f"\nmachine quiet during the run: {'yes' if quiet else 'NO'} (other processes' CPU per phase above)"
+    )
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, dtype {args.data_type or 'fp32'}"
+    )
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"results": [asdict(r) | {"tok_s": r.tok_s} for r in results], "quiet": quiet, "args": vars(args)},
+                {
+                    "results": [asdict(r) | {"tok_s": r.tok_s} for r in results],
+                    "quiet": quiet,
+                    "args": vars(args),
+                },
                 default=str,
                 indent=2,
             )

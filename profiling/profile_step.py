@@ -41,7 +41,9 @@ async def drive(args: argparse.Namespace) -> None:
         await nursery.start(engine.run)
         assert engine.tokenizer is not None and engine.core is not None
         tok = engine.tokenizer
-        prompts = [tok.encode(PROMPT.format(n=i))[: args.prompt_len] for i in range(args.concurrency)]
+        prompts = [
+            tok.encode(PROMPT.format(n=i))[: args.prompt_len] for i in range(args.concurrency)
+        ]
         params = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True)
         n_tokens = 0
 
@@ -74,8 +76,10 @@ async def drive(args: argparse.Namespace) -> None:
         totals = dict(core.timer.totals_s)
         nursery.cancel_scope.cancel()
     accounted = sum(totals.values())
-    print(f"{args.concurrency} requests x {args.output_len} tokens: {n_tokens} tokens in {wall_s:.2f} s "
-          f"= {n_tokens / wall_s:.1f} tok/s over {steps} steps ({wall_s / max(steps, 1) * 1e3:.2f} ms/step)")
+    print(
+        f"{args.concurrency} requests x {args.output_len} tokens: {n_tokens} tokens in {wall_s:.2f} s "
+        f"= {n_tokens / wall_s:.1f} tok/s over {steps} steps ({wall_s / max(steps, 1) * 1e3:.2f} ms/step)"
+    )
     print(f"{'phase':12s} {'ms/step':>9s} {'share':>7s}")
     for phase, total in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"{phase:12s} {total / max(steps, 1) * 1e3:9.3f} {total / max(accounted, 1e-9):7.1%}")
@@ -85,14 +89,18 @@ async def drive(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--batch-max-tokens", type=int, default=None)
     ap.add_argument("--data_type", default=None)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--trace", type=Path, default=None, help="export a torch.profiler chrome trace here")
+    ap.add_argument(
+        "--trace", type=Path, default=None, help="export a torch.profiler chrome trace here"
+    )
     trio.run(drive, ap.parse_args())
 
 

@@ -16,7 +16,9 @@ class SeqChunk:
 
     new_ids: Sequence[int]
     start_pos: int  # tokens already in the KV pool for this sequence
-    slots: Sequence[int]  # KV slots of all its tokens, cached and new (len >= start_pos + len(new_ids))
+    slots: Sequence[
+        int
+    ]  # KV slots of all its tokens, cached and new (len >= start_pos + len(new_ids))
     want_logits: bool = True  # False for a prefill chunk that is not the prompt's last
 
 

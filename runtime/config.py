@@ -96,7 +96,11 @@ class ModelConfig:
         else:
             qkv_bias = bool(cfg.get("attention_bias", False))
         eos = cfg.get("eos_token_id")
-        eos_ids = [int(e) for e in eos] if isinstance(eos, list) else ([int(eos)] if eos is not None else [])
+        eos_ids = (
+            [int(e) for e in eos]
+            if isinstance(eos, list)
+            else ([int(eos)] if eos is not None else [])
+        )
         return cls(
             architecture=arch,
             family=family,

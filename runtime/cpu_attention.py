@@ -39,27 +39,27 @@ def _kernel() -> Any:
             h = item % n_kv
             n = seq_lens[b]
             scores = np.empty((g, n), dtype=np.float32)
-            for l in range(n):
-                s = table[b, l]
+            for t in range(n):
+                s = table[b, t]
                 for j in range(g):
                     d = np.float32(0.0)
                     for i in range(hd):
                         d += q[b, h, j, i] * k[s, h, i]
-                    scores[j, l] = d * scale
+                    scores[j, t] = d * scale
             for j in range(g):
                 m = scores[j, 0]
-                for l in range(1, n):
-                    m = max(m, scores[j, l])
+                for t in range(1, n):
+                    m = max(m, scores[j, t])
                 tot = np.float32(0.0)
-                for l in range(n):
-                    p = np.exp(scores[j, l] - m)
-                    scores[j, l] = p
+                for t in range(n):
+                    p = np.exp(scores[j, t] - m)
+                    scores[j, t] = p
                     tot += p
                 for i in range(hd):
                     out[b, h, j, i] = 0.0
-                for l in range(n):
-                    s = table[b, l]
-                    p = scores[j, l] / tot
+                for t in range(n):
+                    s = table[b, t]
+                    p = scores[j, t] / tot
                     for i in range(hd):
                         out[b, h, j, i] += p * v[s, h, i]
 

@@ -119,14 +119,24 @@ class EngineCore:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting) + len(self._inbox)
 
-    def new_request(self, req_id: int, prompt_ids: list[int], params: SamplingParams, score: bool) -> Request:
+    def new_request(
+        self, req_id: int, prompt_ids: list[int], params: SamplingParams, score: bool
+    ) -> Request:
         req = Request(req_id, list(prompt_ids), params)
         limit = self.runner.max_req_total_len
         max_new = params.max_new_tokens or max(1, limit - len(prompt_ids))
         for i in range(1 if score else params.n):
-            seq = Seq(next(self._seq_ids), req.prompt_ids, max_new, params.ignore_eos, score_only=score)
-            detok = None if score else IncrementalDetokenizer(
-                self.tokenizer, req.prompt_ids[-5:], skip_special_tokens=params.skip_special_tokens
+            seq = Seq(
+                next(self._seq_ids), req.prompt_ids, max_new, params.ignore_eos, score_only=score
+            )
+            detok = (
+                None
+                if score
+                else IncrementalDetokenizer(
+                    self.tokenizer,
+                    req.prompt_ids[-5:],
+                    skip_special_tokens=params.skip_special_tokens,
+                )
             )
             stop = StopMatcher(params.stop_strings) if params.stop_strings else None
             seq.payload = SeqState(req, i, RowState.start(params, req.prompt_ids, i), detok, stop)
@@ -199,7 +209,11 @@ class EngineCore:
         assert st.detok is not None
         if is_eos and not seq.ignore_eos:
             reason = "stop"
-            text = self.tokenizer.decode([tok], skip_special_tokens=False) if params.print_eos_token else ""
+            text = (
+                self.tokenizer.decode([tok], skip_special_tokens=False)
+                if params.print_eos_token
+                else ""
+            )
         else:
             text = st.detok.push(tok)
         if reason is None and any(seq.output_ids[-len(s) :] == s for s in params.stop_token_seqs):

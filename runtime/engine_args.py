@@ -16,7 +16,9 @@ class EngineArgs:
     device: str | None = None  # default: cuda when available, else cpu
     max_total_token_num: int | None = None  # KV capacity in tokens; None: from the memory budget
     mem_fraction: float = 0.9  # of free device memory after the weights (GPU)
-    cpu_kv_cache_bytes: int = 2 * 1024**3  # the KV budget on the CPU when max_total_token_num is unset
+    cpu_kv_cache_bytes: int = (
+        2 * 1024**3
+    )  # the KV budget on the CPU when max_total_token_num is unset
     batch_max_tokens: int | None = None  # tokens per step (prefill chunks + decodes)
     running_max_req_size: int = 256  # sequences in the running batch
     max_req_total_len: int | None = None  # prompt + max_new_tokens; default: the model's context

@@ -21,7 +21,9 @@ class ForwardBatch:
     input_ids: Tensor  # [T] int64, new tokens of all sequences, sequence-major
     positions: Tensor  # [T] int64, absolute position of each token
     out_slots: Tensor  # [T] int64, KV slot each new token's K/V is written to
-    block_table: Tensor  # [B, L] int64, KV slots of all tokens of each sequence (pad = pool.pad_slot)
+    block_table: (
+        Tensor  # [B, L] int64, KV slots of all tokens of each sequence (pad = pool.pad_slot)
+    )
     seq_lens: Tensor  # [B] int64, tokens per sequence after this step (cached + new)
     query_lens: list[int]  # new tokens per sequence (host ints, sum = T)
     logits_index: Tensor  # [B] int64, the row of T whose output is wanted (the last new token)
@@ -66,7 +68,9 @@ class DecoderLayer(nn.Module):
         qkv_out = (config.num_heads + 2 * config.num_kv_heads) * hd
         self.qkv_proj = nn.Linear(h, qkv_out, bias=config.qkv_bias, dtype=dtype)
         self.o_proj = nn.Linear(config.num_heads * hd, h, bias=config.o_bias, dtype=dtype)
-        self.gate_up_proj = nn.Linear(h, 2 * config.intermediate_size, bias=config.mlp_bias, dtype=dtype)
+        self.gate_up_proj = nn.Linear(
+            h, 2 * config.intermediate_size, bias=config.mlp_bias, dtype=dtype
+        )
         self.down_proj = nn.Linear(config.intermediate_size, h, bias=config.mlp_bias, dtype=dtype)
         self.input_layernorm = nn.Parameter(torch.ones(h, dtype=dtype))
         self.post_attention_layernorm = nn.Parameter(torch.ones(h, dtype=dtype))
@@ -83,7 +87,9 @@ class DecoderLayer(nn.Module):
         q = apply_rope(q.view(t, self.n_heads, self.head_dim), cos, sin)  # [T, nh, hd]
         k = apply_rope(k.view(t, self.n_kv, self.head_dim), cos, sin)  # [T, nkv, hd]
         k_cache.index_copy_(0, meta.out_slots, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.out_slots, v.view(t, self.n_kv, self.head_dim).to(v_cache.dtype))
+        v_cache.index_copy_(
+            0, meta.out_slots, v.view(t, self.n_kv, self.head_dim).to(v_cache.dtype)
+        )
         attn = paged_attention(q, k_cache, v_cache, meta)  # [T, nh * hd]
         x = x + self.o_proj(attn)
         h = F.rms_norm(x, (x.shape[-1],), self.post_attention_layernorm, self.eps)
@@ -126,9 +132,13 @@ def build_attn_meta(batch: ForwardBatch) -> AttnMeta:
     while n_dec < len(batch.query_lens) and batch.query_lens[n_dec] == 1:
         n_dec += 1
     if n_dec == len(batch.query_lens):
-        return AttnMeta(batch.out_slots, n_dec, _decode_group(batch.block_table, batch.seq_lens), None)
+        return AttnMeta(
+            batch.out_slots, n_dec, _decode_group(batch.block_table, batch.seq_lens), None
+        )
     dec = _decode_group(batch.block_table[:n_dec], batch.seq_lens[:n_dec]) if n_dec else None
-    pre = _prefill_group(batch.block_table[n_dec:], batch.seq_lens[n_dec:], batch.query_lens[n_dec:])
+    pre = _prefill_group(
+        batch.block_table[n_dec:], batch.seq_lens[n_dec:], batch.query_lens[n_dec:]
+    )
     return AttnMeta(batch.out_slots, n_dec, dec, pre)
 
 
@@ -163,7 +173,12 @@ def _gather_kv(cache: Tensor, table: Tensor) -> Tensor:
 
 def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, grp: AttnGroup) -> Tensor:
     """q `[t, nh, hd]` of one group -> `[t, nh * hd]`."""
-    if grp.q_index is None and grp.seq_lens is not None and q.is_cuda and triton_attention.available():
+    if (
+        grp.q_index is None
+        and grp.seq_lens is not None
+        and q.is_cuda
+        and triton_attention.available()
+    ):
         return triton_attention.decode_attention(q, k_cache, v_cache, grp.block_table, grp.seq_lens)
     if (
         grp.q_index is None
@@ -172,7 +187,9 @@ def _attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, grp: AttnGroup) -> Tens
         and q.dtype == k_cache.dtype == torch.float32
         and cpu_attention.available()
     ):
-        return cpu_attention.paged_decode_attention(q, k_cache, v_cache, grp.block_table, grp.seq_lens)
+        return cpu_attention.paged_decode_attention(
+            q, k_cache, v_cache, grp.block_table, grp.seq_lens
+        )
     t, nh, hd = q.shape
     n_kv = k_cache.shape[1]
     b = grp.block_table.shape[0]

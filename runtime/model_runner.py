@@ -96,7 +96,9 @@ def resolve_model_dir(model_dir: str | None) -> Path:
     return path
 
 
-def _kv_capacity(args: EngineArgs, model: CausalLM, dtype: torch.dtype, device: torch.device) -> int:
+def _kv_capacity(
+    args: EngineArgs, model: CausalLM, dtype: torch.dtype, device: torch.device
+) -> int:
     if args.max_total_token_num is not None:
         return args.max_total_token_num
     per_token = KVPool.bytes_per_token(model.config, dtype)
@@ -137,7 +139,11 @@ def load_runner(args: EngineArgs) -> tuple[ModelRunner, Tokenizer]:
     gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
     eos = gen.get("eos_token_id")
     eos_ids = [eos] if isinstance(eos, int) else list(eos or cfg.eos_token_ids)
-    defaults = {k: gen[k] for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty") if k in gen}
+    defaults = {
+        k: gen[k]
+        for k in ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+        if k in gen
+    }
     log.info("loaded %s (%s, %s) with %d KV slots", folder, cfg.architecture, dtype, capacity)
     runner = ModelRunner(
         model=model,
@@ -166,5 +172,7 @@ def load_runner(args: EngineArgs) -> tuple[ModelRunner, Tokenizer]:
 def warmup(runner: ModelRunner) -> None:
     """One tiny forward so the first request does not pay for lazy initialisation."""
     pool = runner.pool
-    batch = make_forward_batch([SeqChunk([0, 0], 0, [pool.pad_slot, pool.pad_slot])], pool.pad_slot, runner.device)
+    batch = make_forward_batch(
+        [SeqChunk([0, 0], 0, [pool.pad_slot, pool.pad_slot])], pool.pad_slot, runner.device
+    )
     runner.model.hidden(batch, pool)

@@ -323,7 +323,9 @@ class Sampler:
         return tokens, xt.gather(1, tokens[:, None])[:, 0] - lse
 
 
-def _draw_from_candidates(xt: Tensor, lse: Tensor, u: Tensor, batch: SamplingBatch) -> Tensor | None:
+def _draw_from_candidates(
+    xt: Tensor, lse: Tensor, u: Tensor, batch: SamplingBatch
+) -> Tensor | None:
     """The same draw as the whole-vocabulary path, over the `mask_candidates` best tokens only.
 
     None when some row's kept set may reach past the candidates (one host check).
@@ -339,6 +341,8 @@ def _draw_from_candidates(xt: Tensor, lse: Tensor, u: Tensor, batch: SamplingBat
     keep = (ranks[None, :] < batch.top_k[:, None]) & (
         (exclusive <= batch.top_p[:, None]) | (batch.top_p[:, None] >= 1.0)
     )  # [B, C]
-    vocab_order, perm = idx.sort(dim=-1)  # [B, C]: kept weights in vocabulary order, as the full path
+    vocab_order, perm = idx.sort(
+        dim=-1
+    )  # [B, C]: kept weights in vocabulary order, as the full path
     weights = (probs * keep).gather(1, perm)  # [B, C]
     return vocab_order.gather(1, sample_inverse_cdf(weights, u)[:, None])[:, 0]  # [B]

@@ -187,7 +187,9 @@ class Scheduler:
     def _plan_prefill(self, seq: Seq, budget: int, out: list[ScheduledChunk]) -> int:
         """Schedule the next prefill chunk of `seq` within `budget` tokens; returns its length."""
         remaining = seq.num_tokens - seq.num_computed
-        length = min(remaining, budget, self.allocator.num_free - (len(seq.slots) - seq.num_computed))
+        length = min(
+            remaining, budget, self.allocator.num_free - (len(seq.slots) - seq.num_computed)
+        )
         if length <= 0:
             return 0
         seq.slots.extend(self.allocator.alloc(seq.num_computed + length - len(seq.slots)))

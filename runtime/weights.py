@@ -117,7 +117,9 @@ def _take(sd: dict[str, Tensor], name: str, shape: tuple[int, ...], source: str)
         raise CheckpointError(f"{source}: missing tensor {name!r}")
     t = sd.pop(name)
     if tuple(t.shape) != shape:
-        raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
+        raise CheckpointError(
+            f"{source}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}"
+        )
     return t
 
 
@@ -132,7 +134,9 @@ def load_into_model(
     h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     nq, nkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
     with torch.no_grad():
-        model.embed_tokens.weight.copy_(_take(sd, "model.embed_tokens.weight", (cfg.vocab_size, h), source))
+        model.embed_tokens.weight.copy_(
+            _take(sd, "model.embed_tokens.weight", (cfg.vocab_size, h), source)
+        )
         model.norm.copy_(_take(sd, "model.norm.weight", (h,), source))
         for i, layer in enumerate(model.decoder_layers()):
             p = f"model.layers.{i}."

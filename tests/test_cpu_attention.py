@@ -36,4 +36,6 @@ def test_kernel_ignores_slots_past_seq_len() -> None:
     short = cpu_attention.paged_decode_attention(q, k, v, table, torch.tensor([2]))
     k[5:7] = 1e6  # garbage past the live length must not matter
     v[5:7] = float("nan")
-    assert torch.equal(short, cpu_attention.paged_decode_attention(q, k, v, table, torch.tensor([2])))
+    assert torch.equal(
+        short, cpu_attention.paged_decode_attention(q, k, v, table, torch.tensor([2]))
+    )

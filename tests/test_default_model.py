@@ -24,7 +24,9 @@ def ours(default_model_dir: Path) -> CausalLM:
 
 @pytest.fixture(scope="module")
 def reference(default_model_dir: Path) -> torch.nn.Module:
-    return transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        default_model_dir, dtype=torch.float32
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,13 @@ def chat_ids(default_model_dir: Path) -> list[int]:
     return tok.encode(text)
 
 
-def test_prefill_logits_match_transformers(ours: CausalLM, reference: torch.nn.Module, chat_ids: list[int]) -> None:
+def test_prefill_logits_match_transformers(
+    ours: CausalLM, reference: torch.nn.Module, chat_ids: list[int]
+) -> None:
     pool = KVPool(ours.config, 256, torch.float32)
-    batch = make_forward_batch([SeqChunk(chat_ids, 0, list(range(len(chat_ids))))], pool.pad_slot, all_logits=True)
+    batch = make_forward_batch(
+        [SeqChunk(chat_ids, 0, list(range(len(chat_ids))))], pool.pad_slot, all_logits=True
+    )
     got = ours(batch, pool)  # [T, V]
     with torch.no_grad():
         want = reference(torch.tensor([chat_ids])).logits[0].float()  # [T, V]
@@ -47,7 +53,9 @@ def test_prefill_logits_match_transformers(ours: CausalLM, reference: torch.nn.M
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-def test_greedy_continuation_matches_generate(ours: CausalLM, reference: torch.nn.Module, chat_ids: list[int]) -> None:
+def test_greedy_continuation_matches_generate(
+    ours: CausalLM, reference: torch.nn.Module, chat_ids: list[int]
+) -> None:
     n_new = 32
     pool = KVPool(ours.config, 256, torch.float32)
     slots = list(range(7, 7 + len(chat_ids) + n_new))  # any slots: not starting at 0
@@ -59,7 +67,10 @@ def test_greedy_continuation_matches_generate(ours: CausalLM, reference: torch.n
         tokens.append(int(ours(step, pool).argmax(-1)))
     with torch.no_grad():
         ref = reference.generate(
-            torch.tensor([chat_ids]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+            torch.tensor([chat_ids]),
+            max_new_tokens=n_new,
+            min_new_tokens=n_new,
+            do_sample=False,
             attention_mask=torch.ones(1, len(chat_ids), dtype=torch.long),
-        )[0, len(chat_ids):].tolist()
+        )[0, len(chat_ids) :].tolist()
     assert tokens == ref

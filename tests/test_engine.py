@@ -74,8 +74,16 @@ def test_batch_invariance_greedy(core: EngineCore) -> None:
 def test_seeded_sampling_alone_equals_in_busy_batch(core: EngineCore) -> None:
     prompts = mixed_prompts(core, 8, seed=2)
     seeded = parse_sampling_params(
-        {"do_sample": True, "temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 1234,
-         "max_new_tokens": 16, "ignore_eos": True, "frequency_penalty": 0.5}
+        {
+            "do_sample": True,
+            "temperature": 0.9,
+            "top_p": 0.95,
+            "top_k": 50,
+            "seed": 1234,
+            "max_new_tokens": 16,
+            "ignore_eos": True,
+            "frequency_penalty": 0.5,
+        }
     )
     noisy = [
         parse_sampling_params({"do_sample": True, "temperature": 1.3, "max_new_tokens": 20})
@@ -92,7 +100,10 @@ def test_seeded_sampling_alone_equals_in_busy_batch(core: EngineCore) -> None:
 def test_abort_mid_prefill_and_mid_decode_frees_everything(core: EngineCore) -> None:
     prompts = mixed_prompts(core, 10, seed=3)
     params = [SamplingParams(max_new_tokens=40, ignore_eos=True) for _ in prompts]
-    reqs = [core.new_request(2000 + i, p, sp, score=False) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+    reqs = [
+        core.new_request(2000 + i, p, sp, score=False)
+        for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+    ]
     for r in reqs:
         core.submit(r)
     core.step()  # some requests are mid-prefill (chunked at 256 tokens per step)
@@ -116,7 +127,9 @@ def test_abort_mid_prefill_and_mid_decode_frees_everything(core: EngineCore) -> 
 
 def test_n_sequences_and_stop_strings(core: EngineCore) -> None:
     prompt = core.tokenizer.encode("Count with me: one, two, three,")
-    p = parse_sampling_params({"n": 3, "best_of": 3, "do_sample": True, "seed": 7, "max_new_tokens": 8})
+    p = parse_sampling_params(
+        {"n": 3, "best_of": 3, "do_sample": True, "seed": 7, "max_new_tokens": 8}
+    )
     req = core.new_request(3000, prompt, p, score=False)
     core.submit(req)
     per_seq: dict[int, list[int]] = {0: [], 1: [], 2: []}
@@ -147,17 +160,23 @@ async def test_async_engine_generate_and_cancel(default_model_dir: object) -> No
         assert engine.tokenizer is not None
         ids = engine.tokenizer.encode("What is AI?")
         got: list[TokenEvent] = []
-        async with engine.generate(ids, SamplingParams(max_new_tokens=5, ignore_eos=True)) as events:
+        async with engine.generate(
+            ids, SamplingParams(max_new_tokens=5, ignore_eos=True)
+        ) as events:
             async for ev in events:
                 assert isinstance(ev, TokenEvent)
                 got.append(ev)
-        assert [e.count_output_tokens for e in got] == [1, 2, 3, 4, 5] and got[-1].finish_reason == "length"
+        assert [e.count_output_tokens for e in got] == [1, 2, 3, 4, 5] and got[
+            -1
+        ].finish_reason == "length"
         with trio.move_on_after(0.5):  # cancelled mid-decode: the request is aborted
-            async with engine.generate(ids, SamplingParams(max_new_tokens=4000, ignore_eos=True)) as events:
+            async with engine.generate(
+                ids, SamplingParams(max_new_tokens=4000, ignore_eos=True)
+            ) as events:
                 async for _ in events:
                     pass
         with trio.fail_after(2):
-            while engine.load().current_load != 0.0:
+            while engine.load().current_load != 0.0:  # noqa: ASYNC110 - polling a figure, no event
                 await trio.sleep(0.01)
         assert not isinstance(got[0], ScoreEvent)
         nursery.cancel_scope.cancel()

@@ -26,7 +26,9 @@ def score_all(core: EngineCore, prompts: list[list[int]], arrivals: list[int]) -
     while not all(r is not None and r.done for r in reqs):
         for i, at in enumerate(arrivals):
             if at == step:
-                reqs[i] = core.new_request(i, prompts[i], SamplingParams(max_new_tokens=1), score=True)
+                reqs[i] = core.new_request(
+                    i, prompts[i], SamplingParams(max_new_tokens=1), score=True
+                )
                 core.submit(reqs[i])  # type: ignore[arg-type]
         for req, ev in core.step():
             assert isinstance(ev, ScoreEvent)
@@ -44,7 +46,12 @@ def test_score_alone_equals_score_in_batch(tmp_path: Path, kind: str) -> None:
     runner, tok = load_runner(args)
     core = EngineCore(runner, tok, args)
     chat = tok.encode(SEED_CHAT)
-    others = [tok.encode(f"<|im_start|>user\nquestion {i} " + "word " * (i * 3) + "<|im_end|>\n<|reward|>") for i in range(31)]
+    others = [
+        tok.encode(
+            f"<|im_start|>user\nquestion {i} " + "word " * (i * 3) + "<|im_end|>\n<|reward|>"
+        )
+        for i in range(31)
+    ]
     alone = score_all(core, [chat], [0])[0]
     batch = score_all(core, [*others[:10], chat, *others[10:]], [i % 4 for i in range(32)])
     assert abs(batch[10] - alone) <= 1e-5

@@ -104,7 +104,9 @@ def test_decode_step_equals_full_recompute(tmp_path: Path) -> None:
     for _ in range(5):  # decode steps in a batch of two
         for s, t in zip(seqs, nxt, strict=True):
             s.append(t)
-        chunks = [SeqChunk(s[-1:], len(s) - 1, sl[: len(s)]) for s, sl in zip(seqs, slots, strict=True)]
+        chunks = [
+            SeqChunk(s[-1:], len(s) - 1, sl[: len(s)]) for s, sl in zip(seqs, slots, strict=True)
+        ]
         step_logits = model(make_forward_batch(chunks, pool.pad_slot), pool)
         fresh = KVPool(model.config, 256, torch.float32)
         full = make_forward_batch(
@@ -173,7 +175,11 @@ def test_internlm2_matches_numpy_reference(tmp_path: Path) -> None:
         "tie_word_embeddings": False,
     }
     h, hd = 64, 8
-    shapes = {"model.tok_embeddings.weight": (300, h), "model.norm.weight": (h,), "output.weight": (300, h)}
+    shapes = {
+        "model.tok_embeddings.weight": (300, h),
+        "model.norm.weight": (h,),
+        "output.weight": (300, h),
+    }
     for i in range(2):
         p = f"model.layers.{i}."
         shapes |= {
@@ -185,7 +191,10 @@ def test_internlm2_matches_numpy_reference(tmp_path: Path) -> None:
             p + "attention_norm.weight": (h,),
             p + "ffn_norm.weight": (h,),
         }
-    sd = {k: (rng.standard_normal(s) * 0.2 + (1.0 if len(s) == 1 else 0.0)).astype(np.float32) for k, s in shapes.items()}
+    sd = {
+        k: (rng.standard_normal(s) * 0.2 + (1.0 if len(s) == 1 else 0.0)).astype(np.float32)
+        for k, s in shapes.items()
+    }
     folder = tmp_path / "internlm2"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(cfg))

@@ -9,7 +9,9 @@ import sys
 from runtime.scheduler import Scheduler, SchedulerConfig, Seq, SeqStatus
 
 
-def make(capacity: int = 1000, batch_tokens: int = 64, max_reqs: int = 8, ratio: float = 0.0) -> Scheduler:
+def make(
+    capacity: int = 1000, batch_tokens: int = 64, max_reqs: int = 8, ratio: float = 0.0
+) -> Scheduler:
     return Scheduler(SchedulerConfig(capacity, batch_tokens, max_reqs, router_token_ratio=ratio))
 
 
@@ -50,7 +52,9 @@ def test_chunked_prefill_respects_budget_and_decodes_first() -> None:
     short = Seq(1, [1, 2, 3], max_new_tokens=2)
     s.add(short)
     plan = s.schedule()
-    assert [(c.seq.seq_id, c.length) for c in plan.chunks] == [(0, 16)]  # budget spent on the long one
+    assert [(c.seq.seq_id, c.length) for c in plan.chunks] == [
+        (0, 16)
+    ]  # budget spent on the long one
     s.commit(plan)
     plan = s.schedule()  # 8 left of the long prompt, then the short one is admitted
     assert [(c.seq.seq_id, c.start, c.length, c.sample) for c in plan.chunks] == [

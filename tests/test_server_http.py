@@ -6,13 +6,12 @@ hypercorn-CLI launch and the engine-death runs start their own processes.
 
 from __future__ import annotations
 
-from contextlib import aclosing
-
 import json
 import random
 import signal
 import time
 from collections.abc import Iterator
+from contextlib import aclosing
 from typing import Any
 
 import httpx
