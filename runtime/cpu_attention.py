@@ -27,8 +27,9 @@ def _kernel() -> Any:
         import numba
     except ImportError:
         return None
-    if numba.config.THREADING_LAYER == "default":
-        numba.config.THREADING_LAYER = "workqueue"  # plain pthreads: no second OpenMP runtime
+    config: Any = numba.config
+    if config.THREADING_LAYER == "default":
+        config.THREADING_LAYER = "workqueue"  # plain pthreads: no second OpenMP runtime
 
     @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True, boundscheck=False)
     def paged_decode(q, k, v, table, seq_lens, out, scale):  # type: ignore[no-untyped-def]
@@ -98,4 +99,5 @@ def numba_threads(n: int) -> None:
     """Match Numba's worker count to torch's intra-op threads (once per value)."""
     import numba
 
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    config: Any = numba.config
+    numba.set_num_threads(max(1, min(n, config.NUMBA_NUM_THREADS)))
