@@ -95,7 +95,7 @@ async def _collect(state: ServerState, live: Live, req: GenerateRequest) -> dict
                 outcome = "success"
             finally:
                 state.request_ended()
-                _count(state, outcome)
+                state.counters.count_outcome(outcome)
     except QueueFull as exc:
         state.counters.request_rejected_busy += 1
         raise busy_error(exc) from None
@@ -147,16 +147,6 @@ def _response(seqs: list[_Seq], prompt_tokens: int, req: GenerateRequest) -> dic
     if req.return_details:
         out["tokens"] = seqs[0].tokens if single else [s.tokens for s in seqs]
     return out
-
-
-def _count(state: ServerState, outcome: str) -> None:
-    c = state.counters
-    if outcome == "success":
-        c.request_success += 1
-    elif outcome == "aborted":
-        c.request_aborted += 1
-    else:
-        c.request_failure += 1
 
 
 async def _generate(req: GenerateRequest, state: ServerState, live: Live) -> Response:
@@ -244,7 +234,7 @@ async def get_score() -> Response:
     finally:
         state.request_ended()
         if outcome != "busy":
-            _count(state, outcome)
+            state.counters.count_outcome(outcome)
     return json_response(
         {"score": result.score, "prompt_tokens": result.prompt_tokens, "finish_reason": "stop"}
     )

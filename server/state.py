@@ -62,6 +62,15 @@ class Counters:
     generated_tokens: int = 0
     http_errors: dict[int, int] = field(default_factory=dict)
 
+    def count_outcome(self, outcome: str) -> None:
+        """One request ended: "success", "aborted" (client gone) or anything else (failure)."""
+        if outcome == "success":
+            self.request_success += 1
+        elif outcome == "aborted":
+            self.request_aborted += 1
+        else:
+            self.request_failure += 1
+
 
 @dataclass
 class ServerState:

@@ -125,7 +125,7 @@ async def _produce(
     finally:
         if started:
             state.request_ended()
-            _count_outcome(state, outcome)
+            state.counters.count_outcome(outcome)
         job.send.close()
 
 
@@ -167,17 +167,6 @@ async def _pump(
             return "aborted"
     _push(job, encode_error_event("the engine ended the request before it finished"))
     return "failure"
-
-
-def _count_outcome(state: ServerState, outcome: str) -> None:
-    """Move the request counters."""
-    c = state.counters
-    if outcome == "success":
-        c.request_success += 1
-    elif outcome == "aborted":
-        c.request_aborted += 1
-    else:
-        c.request_failure += 1
 
 
 def stream_response_body(job: StreamJob) -> AsyncGenerator[bytes, None]:
