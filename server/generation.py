@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
 from quart import Blueprint, Response, current_app
 
-from runtime.engine_api import EngineDead, ErrorEvent, QueueFull, TokenEvent
+from runtime.engine_api import EngineDead, ErrorEvent, QueueFull, ScoreEvent, TokenEvent
 
 from .errors import BUSY, SERVER, ApiError, json_response
 from .state import Live, ServerState, get_state
@@ -215,13 +216,27 @@ async def get_score() -> Response:
             "(start the server with a reward model's --model_dir)",
             None,
         )
-    ids = validate_score(body, live)
+    prompts, is_list = validate_score(body, live)
     state.request_started()
     outcome = "aborted"
+    results: list[ScoreEvent | None] = [None] * len(prompts)
+    refused: list[QueueFull | EngineDead] = []
+
+    async def score_one(i: int, scope: trio.CancelScope) -> None:
+        try:
+            results[i] = await live.engine.score(prompts[i])
+        except (QueueFull, EngineDead) as exc:
+            refused.append(exc)
+            scope.cancel()  # the others are aborted: the request fails as a whole
+
     try:
         state.counters.request_count += 1
-        state.counters.prompt_tokens += len(ids)
-        result = await live.engine.score(ids)
+        state.counters.prompt_tokens += sum(len(ids) for ids in prompts)
+        async with trio.open_nursery() as nursery:  # a list is scored in the same batch
+            for i in range(len(prompts)):
+                nursery.start_soon(score_one, i, nursery.cancel_scope)
+        if refused:
+            raise refused[0]
         state.progress()
         outcome = "success"
     except QueueFull as exc:
@@ -235,6 +250,9 @@ async def get_score() -> Response:
         state.request_ended()
         if outcome != "busy":
             state.counters.count_outcome(outcome)
-    return json_response(
-        {"score": result.score, "prompt_tokens": result.prompt_tokens, "finish_reason": "stop"}
-    )
+    out = [
+        {"score": r.score, "prompt_tokens": r.prompt_tokens, "finish_reason": "stop"}
+        for r in results
+        if r is not None
+    ]
+    return json_response(out if is_list else out[0])

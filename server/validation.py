@@ -211,6 +211,12 @@ def check_length(prompt_len: int, params: SamplingParams, info: ModelInfo) -> No
 
 def validate_generate(body: dict[str, Any], live: Live) -> GenerateRequest:
     """A /generate, /generate_stream or / body (spec §3), fully validated."""
+    if live.info.is_reward_model:
+        bad(
+            f"'{live.info.model_name}' is a reward model: it scores text with POST /get_score "
+            "and cannot generate",
+            "inputs",
+        )
     check_keys(body, GENERATE_KEYS)
     if "inputs" not in body:
         bad("missing required field 'inputs' (a string or a list of token ids)", "inputs")
@@ -226,25 +232,37 @@ def validate_generate(body: dict[str, Any], live: Live) -> GenerateRequest:
     return GenerateRequest(ids, params, details, stream)
 
 
-def validate_score(body: dict[str, Any], live: Live) -> list[int]:
-    """A /get_score body: `chat` text (parameters accepted and ignored, as in LightLLM)."""
+MAX_SCORE_BATCH = 256
+
+
+def validate_score(body: dict[str, Any], live: Live) -> tuple[list[list[int]], bool]:
+    """A /get_score body: `chat` text, or a list of texts scored as a batch (parameters accepted
+    and ignored, as in LightLLM). Returns (prompts, whether `chat` was a list)."""
     check_keys(body, SCORE_KEYS)
     chat = body.get("chat")
     if chat is None:
         bad("missing required field 'chat' (the fully formatted conversation text)", "chat")
-    if not isinstance(chat, str):
-        bad(f"chat must be a string, got {_kind(chat)}", "chat")
+    is_list = isinstance(chat, list)
+    chats = chat if is_list else [chat]
+    if is_list and not 1 <= len(chats) <= MAX_SCORE_BATCH:
+        bad(f"chat as a list must hold 1 to {MAX_SCORE_BATCH} strings, got {len(chats)}", "chat")
     params = body.get("parameters")
     if params is not None and not isinstance(params, dict):
         bad(f"parameters must be a JSON object, got {_kind(params)}", "parameters")
     check_multimodal(body)
-    ids = encode_text(live, chat, "chat", True)
-    if not ids:
-        bad("chat is empty: the prompt must have at least one token", "chat")
     limit = live.info.max_req_total_len
-    if len(ids) > limit:
-        bad(f"chat has {len(ids)} tokens, more than max_req_total_len ({limit})", "chat")
-    return ids
+    prompts = []
+    for i, text in enumerate(chats):
+        name = f"chat[{i}]" if is_list else "chat"
+        if not isinstance(text, str):
+            bad(f"{name} must be a string, got {_kind(text)}", "chat")
+        ids = encode_text(live, text, "chat", True)
+        if not ids:
+            bad(f"{name} is empty: the prompt must have at least one token", "chat")
+        if len(ids) > limit:
+            bad(f"{name} has {len(ids)} tokens, more than max_req_total_len ({limit})", "chat")
+        prompts.append(ids)
+    return prompts, is_list
 
 
 def validate_tokens(body: dict[str, Any], live: Live) -> list[int]:
