@@ -20,6 +20,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import runtime  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
+
+# isort: split
 import torch
 
 TEMPLATE = (

@@ -16,6 +16,9 @@ import argparse
 import time
 from pathlib import Path
 
+import runtime  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
+
+# isort: split
 import torch
 import trio
 

@@ -31,7 +31,7 @@ def _kernel() -> Any:
     if config.THREADING_LAYER == "default":
         config.THREADING_LAYER = "workqueue"  # plain pthreads: no second OpenMP runtime
 
-    @numba.njit(parallel=True, fastmath=False, cache=True, nogil=True, boundscheck=False)
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
     def paged_decode(q, k, v, table, seq_lens, out, scale):  # type: ignore[no-untyped-def]
         # q [B, nkv, g, hd]; k, v [S, nkv, hd]; table [B, L]; seq_lens [B]; out [B, nkv, g, hd]
         n_b, n_kv, g, hd = q.shape
