@@ -131,6 +131,7 @@ class RequestResult:
     tokens_from_server: bool = False
     chunks: int = 0
     finish_reason: str | None = None
+    retries: int = 0  # resent once after the server closed a reused connection unanswered
 
     @property
     def tpot(self) -> float | None:
@@ -202,6 +203,7 @@ def compute_metrics(
         "output_throughput": out_tok / dur,
         "total_token_throughput": (in_tok + out_tok) / dur,
         "tokens_from_server": bool(done) and all(r.tokens_from_server for r in done),
+        "retried_requests": sum(1 for r in results if r.retries),
         "output_len_mismatch": (
             sum(1 for r in done if r.output_tokens != expected_output_len)
             if expected_output_len is not None
@@ -723,12 +725,20 @@ async def _one(
 ) -> RequestResult:
     """Run one request; any failure is recorded in the result, never raised."""
     send = BACKENDS[args.backend][1]
-    res = RequestResult(index=index, start=time.perf_counter() - t0)
-    try:
-        await send(client, url, prompt, args, res)
-    except Exception as e:  # a failed request is counted, never fatal
-        res.ok = False
-        res.error = f"{type(e).__name__}: {e}"[:300]
+    start = time.perf_counter() - t0
+    for attempt in range(2):
+        res = RequestResult(index=index, start=start, retries=attempt)
+        try:
+            await send(client, url, prompt, args, res)
+        except httpx.RemoteProtocolError as e:
+            # A keep-alive connection the server closed just as it was reused (cpp-httplib
+            # closes them after a few requests): nothing was received, so send it once more.
+            if attempt == 0 and res.chunks == 0 and res.error is None:
+                continue
+            res.error = f"{type(e).__name__}: {e}"[:300]
+        except Exception as e:  # a failed request is counted, never fatal
+            res.error = f"{type(e).__name__}: {e}"[:300]
+        break
     if res.error:
         res.ok = False
     return res
@@ -835,6 +845,8 @@ def format_summary(run: dict[str, Any]) -> str:
     row("Total token throughput (tok/s):", m["total_token_throughput"])
     if m["goodput"] is not None:
         row("Request goodput (req/s):", m["goodput"])
+    if m.get("retried_requests"):
+        row("Requests resent (connection closed):", m["retried_requests"])
     if m["output_len_mismatch"]:
         row("Requests with another output length:", m["output_len_mismatch"])
     if not m["tokens_from_server"] and m["completed"]:

@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -248,9 +248,17 @@ def bench_level(
     return run
 
 
-def bench_server(spec: ServerSpec, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
-    """Start `spec`, run every level (re-running noisy ones if asked), stop it."""
-    out: dict[str, Any] = {"name": spec.name, "cmd": spec.cmd, "backend": spec.backend, "runs": []}
+def bench_server(
+    spec: ServerSpec,
+    args: argparse.Namespace,
+    log_dir: Path,
+    out: dict[str, Any],
+    checkpoint: Callable[[], None] = lambda: None,
+) -> None:
+    """Start `spec`, run every level (re-running noisy ones if asked) into `out`, stop it.
+
+    `checkpoint` is called after every level, so a run cut short still leaves its results."""
+    out.update(name=spec.name, cmd=spec.cmd, backend=spec.backend, runs=[])
     log_path = log_dir / f"{spec.name}.log"
     out["log"] = str(log_path)
     levels = args.concurrency
@@ -281,10 +289,11 @@ def bench_server(spec: ServerSpec, args: argparse.Namespace, log_dir: Path) -> d
                         break
                 assert best is not None
                 out["runs"].append(best)
+                checkpoint()
     except (RuntimeError, OSError, subprocess.SubprocessError) as e:
         out["error"] = str(e)
         print(f"  {spec.name} failed: {e}", file=sys.stderr, flush=True)
-    return out
+    checkpoint()
 
 
 # --------------------------------------------------------------------------------------------
@@ -479,38 +488,67 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             specs.append(ServerSpec(name, cmd, port, "openai"))
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="compare_peers-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    servers = [bench_server(spec, args, log_dir) for spec in specs]
+    # SIGTERM unwinds like Ctrl-C, so the server being measured is stopped too
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    servers: list[dict[str, Any]] = []
+    machine = bs.machine_info()
+
+    def checkpoint() -> None:
+        report(servers, args, machine, complete=False, quiet=True)
+
+    for spec in specs:
+        servers.append({})
+        bench_server(spec, args, log_dir, servers[-1], checkpoint)
+    return report(servers, args, machine, complete=True, quiet=False)
+
+
+def report(
+    servers: list[dict[str, Any]],
+    args: argparse.Namespace,
+    machine: dict[str, Any],
+    *,
+    complete: bool,
+    quiet: bool,
+) -> dict[str, Any]:
+    """The table, notes, plot and files; `quiet`: write files only (a checkpoint)."""
     md = table(servers, args.concurrency)
     quiet_all = all(r["quiet"].get("quiet") for s in servers for r in s["runs"])
+    n_desc = "max(8, 4*C)" if not args.num_prompts else str(args.num_prompts)
     notes = [
-        f"Load: closed loop, N = {'max(8, 4*C)' if not args.num_prompts else args.num_prompts} "
-        f"requests per level, {args.output_len} output tokens (ignore_eos, greedy), the 65-token "
-        "peer prompt; peers' cells: (×ratio nurserve / peer).",
+        f"Load: closed loop, N = {n_desc} requests per level, {args.output_len} output tokens "
+        "(ignore_eos, greedy), the 65-token peer prompt; peers' cells: (×ratio nurserve / peer).",
         f"Machine quiet during every level: {'yes' if quiet_all else 'NO'} "
         f"(threshold {args.quiet_threshold} cores of other load).",
     ]
+    if not complete:
+        notes.append("INCOMPLETE: the run was cut short; this is what had been measured.")
     for s in servers:
         if "error" in s:
             notes.append(f"{DISPLAY[s['name']]} failed: {s['error'].splitlines()[0]}")
-    print("\n" + md + "\n\n" + "\n".join(notes), flush=True)
+    if not quiet:
+        print("\n" + md + "\n\n" + "\n".join(notes), flush=True)
     result = {
         "tool": "nurserve profiling/compare_peers.py",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "complete": complete,
         "config": vars(args),
-        "machine": bs.machine_info(),
+        "machine": machine,
         "servers": servers,
         "table_markdown": md,
         "notes": notes,
     }
-    if args.plot_dir:
+    if args.plot_dir and complete:
         result["plot"] = plot(servers, Path(args.plot_dir))
     if args.markdown:
         Path(args.markdown).write_text(md + "\n\n" + "\n".join(notes) + "\n")
     if args.result_json:
         path = Path(args.result_json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(bs._jsonable(result), indent=2) + "\n")
-        print(f"results written to {path}", file=sys.stderr)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(bs._jsonable(result), indent=2) + "\n")
+        tmp.replace(path)
+        if not quiet:
+            print(f"results written to {path}", file=sys.stderr)
     return result
 
 

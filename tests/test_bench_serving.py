@@ -215,6 +215,30 @@ async def test_nurserve_backend_failures() -> None:
     assert not res.ok and "bad event" in res.error
 
 
+async def test_request_resent_once_when_a_reused_connection_was_closed() -> None:
+    calls = 0
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(200, content=_native_event(1, "a", True))
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        res = await bs._one(client, "http://x/g", "hi", _args(backend="nurserve"), 0, 0.0)
+    assert res.ok and res.retries == 1 and calls == 2
+    m = bs.compute_metrics([res], 1.0)
+    assert m["retried_requests"] == 1 and m["completed"] == 1
+
+    def always(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(always)) as client:
+        res = await bs._one(client, "http://x/g", "hi", _args(backend="nurserve"), 0, 0.0)
+    assert not res.ok and "RemoteProtocolError" in res.error
+
+
 def _oai(obj: Any) -> bytes:
     return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
 
