@@ -306,6 +306,8 @@ def _fmt(v: float | None, unit: str) -> str:
     if unit == "s":
         return f"{v / 1000.0:.2f} s"
     if unit == "ms":
+        if v >= 10000:
+            return f"{v / 1000.0:.1f} s"
         return f"{v:.0f} ms" if v >= 100 else f"{v:.1f} ms"
     return f"{v:.1f}"
 
@@ -343,7 +345,8 @@ def table(servers: Sequence[dict[str, Any]], levels: Sequence[int]) -> str:
                 if s["name"] != "nurserve" and base is not None and v:
                     mine = get(base["metrics"])
                     if mine is not None:
-                        cell += f" (×{mine / v:.2f})"
+                        r = mine / v
+                        cell += f" (×{r:.2f})" if r >= 0.1 else f" (×{r:.3f})"
                 cells.append(cell)
             q = run["quiet"]
             quiet = (
