@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from runtime import cpu_attention, triton_attention
+from runtime import cpu_attention, cpu_linear, triton_attention
 from runtime.config import ModelConfig
 from runtime.kv_pool import KVPool
 
@@ -66,12 +66,17 @@ class DecoderLayer(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = config.num_heads, config.num_kv_heads, hd
         self.eps = config.rms_norm_eps
         qkv_out = (config.num_heads + 2 * config.num_kv_heads) * hd
-        self.qkv_proj = nn.Linear(h, qkv_out, bias=config.qkv_bias, dtype=dtype)
-        self.o_proj = nn.Linear(config.num_heads * hd, h, bias=config.o_bias, dtype=dtype)
-        self.gate_up_proj = nn.Linear(
+        # nn.Linear, or cpu_linear.PackedLinear once `cpu_linear.pack_model` has run
+        self.qkv_proj: nn.Module = nn.Linear(h, qkv_out, bias=config.qkv_bias, dtype=dtype)
+        self.o_proj: nn.Module = nn.Linear(
+            config.num_heads * hd, h, bias=config.o_bias, dtype=dtype
+        )
+        self.gate_up_proj: nn.Module = nn.Linear(
             h, 2 * config.intermediate_size, bias=config.mlp_bias, dtype=dtype
         )
-        self.down_proj = nn.Linear(config.intermediate_size, h, bias=config.mlp_bias, dtype=dtype)
+        self.down_proj: nn.Module = nn.Linear(
+            config.intermediate_size, h, bias=config.mlp_bias, dtype=dtype
+        )
         self.input_layernorm = nn.Parameter(torch.ones(h, dtype=dtype))
         self.post_attention_layernorm = nn.Parameter(torch.ones(h, dtype=dtype))
 
@@ -243,6 +248,7 @@ class CausalLM(nn.Module):
             self.score_head = nn.Sequential(
                 nn.Linear(h, h, dtype=dtype), nn.ReLU(), nn.Linear(h, 1, dtype=dtype)
             )
+        self.packed_lm_head: Tensor | None = None  # oneDNN-packed head (cpu_linear.pack_model)
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
@@ -274,6 +280,8 @@ class CausalLM(nn.Module):
     @torch.inference_mode()
     def logits_from_hidden(self, h: Tensor) -> Tensor:
         """LM head: `[B, H]` -> `[B, vocab]` fp32."""
+        if self.packed_lm_head is not None:
+            return cpu_linear.packed_linear(h, self.packed_lm_head, None)  # [B, V] fp32
         weight = self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight
         return F.linear(h, weight).float()
 

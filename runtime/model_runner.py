@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from cuda import reward_head
+from runtime import cpu_linear
 from runtime.batch import SeqChunk, make_forward_batch
 from runtime.config import CheckpointError
 from runtime.engine_api import ModelInfo
@@ -124,6 +125,9 @@ def load_runner(args: EngineArgs) -> tuple[ModelRunner, Tokenizer]:
     dtype = resolve_dtype(args.data_type, device)
     folder = resolve_model_dir(args.model_dir)
     model = load_model(folder, dtype, device)
+    if device.type == "cpu":
+        packed = cpu_linear.pack_model(model)
+        log.info("packed %d weight matrices for oneDNN", packed)
     tokenizer = Tokenizer.from_dir(folder)
     cfg = model.config
     if tokenizer.vocab_size > cfg.vocab_size:

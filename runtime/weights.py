@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
 from runtime.config import CheckpointError, ModelConfig
 from runtime.model import CausalLM, rope_inv_freq
@@ -145,23 +145,29 @@ def load_into_model(
                 _take(sd, p + "self_attn.k_proj.weight", (nkv, h), source),
                 _take(sd, p + "self_attn.v_proj.weight", (nkv, h), source),
             ]
-            layer.qkv_proj.weight.copy_(torch.cat(qkv, 0))
+            _dense(layer.qkv_proj).weight.copy_(torch.cat(qkv, 0))
             if cfg.qkv_bias:
                 biases = [
                     _take(sd, p + "self_attn.q_proj.bias", (nq,), source),
                     _take(sd, p + "self_attn.k_proj.bias", (nkv,), source),
                     _take(sd, p + "self_attn.v_proj.bias", (nkv,), source),
                 ]
-                layer.qkv_proj.bias.copy_(torch.cat(biases, 0))
-            layer.o_proj.weight.copy_(_take(sd, p + "self_attn.o_proj.weight", (h, nq), source))
+                _dense(layer.qkv_proj).bias.copy_(torch.cat(biases, 0))
+            _dense(layer.o_proj).weight.copy_(
+                _take(sd, p + "self_attn.o_proj.weight", (h, nq), source)
+            )
             if cfg.o_bias:
-                layer.o_proj.bias.copy_(_take(sd, p + "self_attn.o_proj.bias", (h,), source))
+                _dense(layer.o_proj).bias.copy_(
+                    _take(sd, p + "self_attn.o_proj.bias", (h,), source)
+                )
             gate = _take(sd, p + "mlp.gate_proj.weight", (inter, h), source)
             up = _take(sd, p + "mlp.up_proj.weight", (inter, h), source)
-            layer.gate_up_proj.weight.copy_(torch.cat([gate, up], 0))
-            layer.down_proj.weight.copy_(_take(sd, p + "mlp.down_proj.weight", (h, inter), source))
+            _dense(layer.gate_up_proj).weight.copy_(torch.cat([gate, up], 0))
+            _dense(layer.down_proj).weight.copy_(
+                _take(sd, p + "mlp.down_proj.weight", (h, inter), source)
+            )
             if cfg.mlp_bias:
-                layer.gate_up_proj.bias.copy_(
+                _dense(layer.gate_up_proj).bias.copy_(
                     torch.cat(
                         [
                             _take(sd, p + "mlp.gate_proj.bias", (inter,), source),
@@ -169,7 +175,9 @@ def load_into_model(
                         ]
                     )
                 )
-                layer.down_proj.bias.copy_(_take(sd, p + "mlp.down_proj.bias", (h,), source))
+                _dense(layer.down_proj).bias.copy_(
+                    _take(sd, p + "mlp.down_proj.bias", (h,), source)
+                )
             layer.input_layernorm.copy_(_take(sd, p + "input_layernorm.weight", (h,), source))
             layer.post_attention_layernorm.copy_(
                 _take(sd, p + "post_attention_layernorm.weight", (h,), source)
@@ -200,6 +208,12 @@ def _load_score_head(model: CausalLM, sd: dict[str, Tensor], source: str) -> Non
         l1.bias.copy_(_take(sd, "score.0.bias", (h,), source))
         l2.weight.copy_(_take(sd, "score.2.weight", (1, h), source))
         l2.bias.copy_(_take(sd, "score.2.bias", (1,), source))
+
+
+def _dense(module: nn.Module) -> nn.Linear:
+    """A projection as loaded (packing for oneDNN happens after loading)."""
+    assert isinstance(module, nn.Linear), "weights load into dense layers only"
+    return module
 
 
 def load_model(

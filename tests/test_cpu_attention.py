@@ -11,7 +11,9 @@ from runtime.model import AttnGroup, _attend, _decode_group
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="needs Numba")
 
 
-@pytest.mark.parametrize(("nh", "nkv", "hd"), [(9, 3, 64), (4, 4, 32), (8, 2, 40)])
+@pytest.mark.parametrize(
+    ("nh", "nkv", "hd"), [(9, 3, 64), (4, 4, 32), (8, 2, 40), (7, 1, 16), (10, 2, 8)]
+)
 def test_kernel_matches_torch_path(nh: int, nkv: int, hd: int) -> None:
     gen = torch.Generator().manual_seed(nh * 100 + hd)
     slots, b, l_max = 500, 7, 33

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from runtime import cpu_linear
 from runtime.batch import SeqChunk, make_forward_batch
 from runtime.kv_pool import KVPool
 from runtime.model import CausalLM
@@ -19,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ours(default_model_dir: Path) -> CausalLM:
-    return load_model(default_model_dir)
+    model = load_model(default_model_dir)
+    cpu_linear.pack_model(model)  # as the engine runs it on the CPU (a no-op without oneDNN)
+    return model
 
 
 @pytest.fixture(scope="module")

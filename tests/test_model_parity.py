@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from runtime import cpu_linear
 from runtime.batch import SeqChunk, make_forward_batch
 from runtime.config import CheckpointError
 from runtime.kv_pool import KVPool
@@ -80,10 +81,15 @@ def run_ours(model: CausalLM, seqs: list[list[int]]) -> list[torch.Tensor]:
 SEQS = [[5, 17, 88, 3, 250, 9, 41, 77, 13, 2, 61], [100, 7, 7, 300, 19]]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["aten", "onednn"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_logits_match_transformers(tmp_path: Path, arch: str) -> None:
+def test_logits_match_transformers(tmp_path: Path, arch: str, packed: bool) -> None:
     folder, ref = make_hf_checkpoint(tmp_path, arch)
     ours = load_model(folder)
+    if packed:  # what the engine runs on the CPU: oneDNN-packed projections and head
+        if not cpu_linear.available():
+            pytest.skip("oneDNN packing unavailable")
+        assert cpu_linear.pack_model(ours) == 4 * TINY["num_hidden_layers"] + 1
     got = run_ours(ours, SEQS)
     for s, g in zip(SEQS, got, strict=True):
         with torch.no_grad():
