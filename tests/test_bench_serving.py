@@ -18,10 +18,18 @@ from typing import Any
 import httpx
 import pytest
 
-from profiling import bench_serving as bs
-
 ROOT = Path(__file__).resolve().parent.parent
+# profiling/ is not a package: its modules import each other by bare name (as compare_peers.py
+# imports bench_serving), so the tests import them the same way, one module object each.
+if str(ROOT / "profiling") not in sys.path:
+    sys.path.insert(0, str(ROOT / "profiling"))
 
+import bench_backends as bb  # noqa: E402
+import bench_machine as bmach  # noqa: E402
+import bench_metrics as bm  # noqa: E402
+import bench_prompts as bp  # noqa: E402
+import bench_report as br  # noqa: E402
+import bench_serving as bs  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # statistics and metric definitions
@@ -33,30 +41,30 @@ def test_percentile_matches_numpy_linear() -> None:
     for n in (1, 2, 3, 10, 101):
         xs = [rng.uniform(0, 100) for _ in range(n)]
         for p in (0, 1, 50, 90, 99, 100):
-            assert bs.percentile(xs, p) == pytest.approx(float(np.percentile(xs, p)))
-    assert math.isnan(bs.percentile([], 50))
+            assert bm.percentile(xs, p) == pytest.approx(float(np.percentile(xs, p)))
+    assert math.isnan(bm.percentile([], 50))
 
 
 def test_summarize_in_ms() -> None:
-    s = bs.summarize([0.001 * v for v in range(1, 101)])  # 1..100 ms
+    s = bm.summarize([0.001 * v for v in range(1, 101)])  # 1..100 ms
     assert s["mean"] == pytest.approx(50.5)
     assert s["median"] == pytest.approx(50.5)
     assert s["p90"] == pytest.approx(90.1)
     assert s["p99"] == pytest.approx(99.01)
     assert s["min"] == pytest.approx(1.0) and s["max"] == pytest.approx(100.0)
     assert s["std"] == pytest.approx(math.sqrt((100**2 - 1) / 12))
-    assert bs.summarize([]) == dict.fromkeys(bs.STAT_KEYS)
+    assert bm.summarize([]) == dict.fromkeys(bm.STAT_KEYS)
 
 
 def test_tpot_excludes_the_first_token() -> None:
-    r = bs.RequestResult(0, ok=True, ttft=0.2, e2el=1.2, output_tokens=11)
+    r = bm.RequestResult(0, ok=True, ttft=0.2, e2el=1.2, output_tokens=11)
     assert r.tpot == pytest.approx(0.1)  # (1.2 - 0.2) / (11 - 1)
-    assert bs.RequestResult(0, ok=True, ttft=0.2, e2el=0.2, output_tokens=1).tpot is None
-    assert bs.RequestResult(0, ok=True, ttft=None, e2el=1.0, output_tokens=5).tpot is None
+    assert bm.RequestResult(0, ok=True, ttft=0.2, e2el=0.2, output_tokens=1).tpot is None
+    assert bm.RequestResult(0, ok=True, ttft=None, e2el=1.0, output_tokens=5).tpot is None
 
 
 def _req(i: int, ttft: float, e2el: float, out: int, itl: list[float], prompt: int = 10) -> Any:
-    return bs.RequestResult(
+    return bm.RequestResult(
         i,
         ok=True,
         ttft=ttft,
@@ -73,9 +81,9 @@ def test_compute_metrics_vllm_definitions() -> None:
         _req(0, 0.1, 1.1, 11, [0.1] * 10),  # TPOT 100 ms
         _req(1, 0.3, 0.8, 6, [0.05, 0.1, 0.1, 0.1, 0.15]),  # TPOT 100 ms
         _req(2, 0.2, 0.2, 1, []),  # one token: no TPOT sample; TPOT 0 for goodput
-        bs.RequestResult(3, ok=False, error="HTTP 503: busy"),
+        bm.RequestResult(3, ok=False, error="HTTP 503: busy"),
     ]
-    m = bs.compute_metrics(results, 2.0, expected_output_len=11, slos={"ttft": 250, "tpot": 100})
+    m = bm.compute_metrics(results, 2.0, expected_output_len=11, slos={"ttft": 250, "tpot": 100})
     assert (m["num_requests"], m["completed"], m["failed"]) == (4, 3, 1)
     assert m["total_output_tokens"] == 18 and m["total_input_tokens"] == 30
     assert m["request_throughput"] == pytest.approx(1.5)
@@ -95,30 +103,30 @@ def test_compute_metrics_vllm_definitions() -> None:
     assert m["good_requests"] == 2
     assert m["goodput"] == pytest.approx(1.0)
     assert m["goodput_slos_ms"] == {"ttft": 250.0, "tpot": 100.0}
-    for fam in bs.METRIC_FAMILIES:
-        assert set(m[fam]) == set(bs.STAT_KEYS)
+    for fam in bm.METRIC_FAMILIES:
+        assert set(m[fam]) == set(bm.STAT_KEYS)
 
 
 def test_goodput_e2el_and_no_slos() -> None:
     results = [_req(0, 0.1, 1.0, 10, [0.1] * 9), _req(1, 0.1, 6.0, 10, [0.6] * 9)]
-    m = bs.compute_metrics(results, 4.0, slos={"e2el": 5000})
+    m = bm.compute_metrics(results, 4.0, slos={"e2el": 5000})
     assert m["good_requests"] == 1 and m["goodput"] == pytest.approx(0.25)
-    m = bs.compute_metrics(results, 4.0)
+    m = bm.compute_metrics(results, 4.0)
     assert m["goodput"] is None and m["output_len_mismatch"] is None
-    m = bs.compute_metrics([bs.RequestResult(0, error="x")], 1.0)
+    m = bm.compute_metrics([bm.RequestResult(0, error="x")], 1.0)
     assert m["completed"] == 0 and m["ttft_ms"]["median"] is None
 
 
 def test_parse_goodput() -> None:
-    assert bs.parse_goodput(["ttft:500", "tpot:50", "E2EL:5000"]) == {
+    assert bm.parse_goodput(["ttft:500", "tpot:50", "E2EL:5000"]) == {
         "ttft": 500.0,
         "tpot": 50.0,
         "e2el": 5000.0,
     }
-    assert bs.parse_goodput(None) == {}
+    assert bm.parse_goodput(None) == {}
     for bad in ("ttft", "itl:5", "ttft:abc", "tpot:0"):
         with pytest.raises(ValueError):
-            bs.parse_goodput([bad])
+            bm.parse_goodput([bad])
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,25 +134,25 @@ def test_parse_goodput() -> None:
 
 
 def test_peer_prompt_and_synthetic_prompts() -> None:
-    assert bs.synthetic_prompt(7, None).startswith("Request 0007. The following is a report")
-    assert bs.synthetic_prompt(7, None).endswith("Write the next part of the report:")
-    prompts = [bs.synthetic_prompt(n, 30) for n in range(20)]
+    assert bp.synthetic_prompt(7, None).startswith("Request 0007. The following is a report")
+    assert bp.synthetic_prompt(7, None).endswith("Write the next part of the report:")
+    prompts = [bp.synthetic_prompt(n, 30) for n in range(20)]
     assert len(set(prompts)) == 20  # unique request numbers: no prefix cache helps
 
     def count(text: str) -> int:  # a fake tokenizer: one token per word
         return len(text.split())
 
-    words = bs.calibrate_words(16, count)
-    assert count(bs.synthetic_prompt(1, words)) == 16
-    words = bs.calibrate_words(300, count)  # longer than the filler text: it repeats
-    assert count(bs.synthetic_prompt(1, words)) == 300
+    words = bp.calibrate_words(16, count)
+    assert count(bp.synthetic_prompt(1, words)) == 16
+    words = bp.calibrate_words(300, count)  # longer than the filler text: it repeats
+    assert count(bp.synthetic_prompt(1, words)) == 300
 
 
 def test_bundled_prompts() -> None:
-    prompts = bs.load_jsonl_prompts(bs.BUNDLED_PROMPTS)
+    prompts = bp.load_jsonl_prompts(bp.BUNDLED_PROMPTS)
     assert len(prompts) >= 50 and len(set(prompts)) == len(prompts)
     args = argparse.Namespace(dataset="bundled", seed=0)
-    built, info = bs.build_prompts(args, 120)
+    built, info = bp.build_prompts(args, 120)
     assert len(built) == 120 and len(set(built)) == 120
     assert built[0].startswith("Request 0000. ") and info["dataset"] == "prompts_en.jsonl"
 
@@ -185,8 +193,8 @@ async def test_nurserve_backend_counts_server_tokens() -> None:
     # two events carrying three tokens: the count comes from the server, not the events
     body = _native_event(2, "ab", False) + _native_event(3, "c", True)
     async with _client(body) as client:
-        res = bs.RequestResult(0)
-        await bs.request_nurserve(client, "http://x/generate_stream", "hi", _args(), res)
+        res = bm.RequestResult(0)
+        await bb.request_nurserve(client, "http://x/generate_stream", "hi", _args(), res)
         sent = client.seen[0]  # type: ignore[attr-defined]
     assert res.ok and res.error is None
     assert (res.output_tokens, res.prompt_tokens, res.chunks) == (3, 9, 2)
@@ -228,7 +236,7 @@ async def test_request_resent_once_when_a_reused_connection_was_closed() -> None
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
         res = await bs._one(client, "http://x/g", "hi", _args(backend="nurserve"), 0, 0.0)
     assert res.ok and res.retries == 1 and calls == 2
-    m = bs.compute_metrics([res], 1.0)
+    m = bm.compute_metrics([res], 1.0)
     assert m["retried_requests"] == 1 and m["completed"] == 1
 
     def always(request: httpx.Request) -> httpx.Response:
@@ -255,8 +263,8 @@ async def test_openai_backend_request_and_usage() -> None:
         ]
     )
     async with _client(body) as client:
-        res = bs.RequestResult(0)
-        await bs.request_openai(client, "http://x/v1/completions", "P", _args(), res)
+        res = bm.RequestResult(0)
+        await bb.request_openai(client, "http://x/v1/completions", "P", _args(), res)
         sent = client.seen[0]  # type: ignore[attr-defined]
     assert res.ok and (res.output_tokens, res.prompt_tokens, res.chunks) == (3, 65, 2)
     assert res.tokens_from_server and len(res.itl) == 1
@@ -279,13 +287,13 @@ async def test_openai_backend_llama_timings_and_fallback() -> None:
         }
     )
     async with _client(body) as client:
-        res = bs.RequestResult(0)
-        await bs.request_openai(client, "http://x", "P", _args(), res)
+        res = bm.RequestResult(0)
+        await bb.request_openai(client, "http://x", "P", _args(), res)
     assert res.ok and (res.output_tokens, res.prompt_tokens) == (5, 7) and res.tokens_from_server
     body = _oai({"choices": [{"text": "a", "finish_reason": None}]}) + _oai(b"[DONE]")
     async with _client(body) as client:
-        res = bs.RequestResult(0)
-        await bs.request_openai(client, "http://x", "P", _args(), res)
+        res = bm.RequestResult(0)
+        await bb.request_openai(client, "http://x", "P", _args(), res)
     assert res.ok and res.output_tokens == 1 and not res.tokens_from_server
 
 
@@ -329,9 +337,9 @@ async def test_run_level_closed_and_open_loop(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_machine_info_and_cpu_monitor() -> None:
-    info = bs.machine_info()
+    info = bmach.machine_info()
     assert info["cpu_count"] >= 1
-    with bs.CpuMonitor(set(), threshold=0.08, interval=0.2) as mon:
+    with bmach.CpuMonitor(set(), threshold=0.08, interval=0.2) as mon:
         time.sleep(0.5)
     s = mon.summary()
     assert s["line"].startswith("quiet: ")
@@ -352,10 +360,10 @@ def test_plots(tmp_path: Path) -> None:
                 "level": f"C={c}",
                 "concurrency": c,
                 "request_rate": None,
-                "metrics": bs.compute_metrics(results, 2.0),
+                "metrics": bm.compute_metrics(results, 2.0),
             }
         )
-    paths = bs.make_plots(runs, raw, tmp_path, "test")
+    paths = br.make_plots(runs, raw, tmp_path, "test")
     assert [Path(p).name for p in paths] == [
         "latency_cdf.png",
         "throughput_vs_load.png",
@@ -453,8 +461,8 @@ def test_real_server_tiny_load(tmp_path: Path) -> None:
         "goodput",
     ):
         assert isinstance(m[key], float) and m[key] > 0, key
-    for fam in bs.METRIC_FAMILIES:
-        for stat in bs.STAT_KEYS:
+    for fam in bm.METRIC_FAMILIES:
+        for stat in bm.STAT_KEYS:
             assert isinstance(m[fam][stat], float), (fam, stat)
     assert m["ttft_ms"]["median"] <= m["e2el_ms"]["median"]
     q = run["quiet"]

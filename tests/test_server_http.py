@@ -1,7 +1,8 @@
 """The real server over TCP: `python -m server` and the hypercorn CLI, talked to with httpx.
 
 One `python -m server` process is shared by the module (its last test SIGTERMs it); the
-hypercorn-CLI launch and the engine-death runs start their own processes.
+hypercorn-CLI launch and the engine-death runs, which start their own processes, are in
+test_server_launch.py.
 """
 
 from __future__ import annotations
@@ -18,18 +19,13 @@ import httpx
 import pytest
 import trio
 
-from tests.server_helpers import ServerProcess, start_server
+from tests.server_helpers import SEED_BODY, ServerProcess, client_for, parse_sse, start_server
 
 pytestmark = pytest.mark.slow
 
 MAX_LEN = 512
 MAX_BODY_BYTES = 256 * 1024
 VOCAB = 49152
-SEED_BODY: dict[str, Any] = {
-    "inputs": "What is AI?",
-    "parameters": {"max_new_tokens": 17, "frequency_penalty": 1},
-    "multimodal_params": {},
-}
 EVENT_KEYS = ["token", "generated_text", "finished", "finish_reason", "details"]
 TOKEN_KEYS = ["id", "text", "logprob", "special", "count_output_tokens", "prompt_tokens"]
 
@@ -47,21 +43,6 @@ def server() -> Iterator[ServerProcess]:
     )  # fmt: skip
     yield srv
     srv.stop()
-
-
-def client_for(srv: ServerProcess, **kwargs: Any) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
-    return httpx.AsyncClient(base_url=srv.base_url, timeout=120.0, limits=limits, **kwargs)
-
-
-def parse_sse(raw: bytes) -> list[dict[str, Any]]:
-    """Strict LightLLM framing: `data:{json}\\n\\n` frames only, no space, no [DONE]."""
-    assert raw.endswith(b"\n\n"), raw[-100:]
-    out = []
-    for frame in raw.decode("utf-8").split("\n\n")[:-1]:
-        assert frame.startswith("data:{"), frame
-        out.append(json.loads(frame[5:]))
-    return out
 
 
 async def stream_events(
@@ -417,78 +398,7 @@ async def test_malformed_requests(server: ServerProcess) -> None:
         assert (await c.post("/generate", json=SEED_BODY)).json()["count_output_tokens"] == 17
 
 
-# ------------------------------------------------------------------ other launches
-
-
-async def test_hypercorn_cli_launch_with_env() -> None:
-    """`hypercorn --worker-class trio 'server.app:create_app()'` configured by NURSERVE_* vars."""
-    env = {
-        "NURSERVE_MODEL_NAME": "cli-model",
-        "NURSERVE_MAX_TOTAL_TOKEN_NUM": "4096",
-        "NURSERVE_MAX_REQ_TOTAL_LEN": "256",
-        "NURSERVE_MAX_BODY_BYTES": "2000",
-        "NURSERVE_SHUTDOWN_GRACE_S": "20",
-    }
-    srv = await trio.to_thread.run_sync(
-        lambda: start_server(
-            ["--config", "python:server.hypercorn_config"], env, launcher="hypercorn"
-        )
-    )
-    try:
-        async with client_for(srv) as c:
-            assert (await c.get("/get_model_name")).json() == {"model_name": "cli-model"}
-            assert (await c.get("/health")).json() == {"message": "Ok"}
-            out = (await c.post("/generate", json=SEED_BODY)).json()
-            assert out["count_output_tokens"] == 17 and out["prompt_tokens"] == 4
-            r = await c.post(
-                "/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 300}}
-            )
-            assert r.status_code == 400 and "256" in r.json()["message"]
-            r = await c.post("/generate", content=b'{"inputs": "' + b"x" * 3000 + b'"}')
-            assert r.status_code == 413
-
-            # SIGTERM while a stream is in flight: it completes, then the process exits 0.
-            body = {
-                "inputs": "Count slowly",
-                "parameters": {"max_new_tokens": 10, "ignore_eos": True},
-            }
-            async with c.stream("POST", "/generate_stream", json=body) as r:
-                chunks: list[bytes] = []
-                async for chunk in r.aiter_raw():
-                    if not chunks:
-                        srv.signal(signal.SIGTERM)
-                    chunks.append(chunk)
-            events = parse_sse(b"".join(chunks))
-            assert len(events) == 10 and events[-1]["finished"] is True
-        status = await trio.to_thread.run_sync(srv.wait, 60.0)
-        assert status == 0, srv.log_text()[-3000:]
-    finally:
-        srv.stop()
-
-
-@pytest.mark.parametrize("launcher", ["module", "hypercorn"])
-async def test_engine_death_exits_nonzero(launcher: str) -> None:
-    """The engine raises at step 3: 503s, /health 503, then the process exits with status 3."""
-    env = {
-        "NURSERVE_FAULT_INJECT_STEP": "3",
-        "NURSERVE_DEATH_EXIT_DELAY_S": "2",
-        "NURSERVE_MAX_TOTAL_TOKEN_NUM": "4096",
-    }
-    srv = await trio.to_thread.run_sync(lambda: start_server([], env, launcher=launcher))
-    try:
-        async with client_for(srv) as c:
-            r = await c.post("/generate", json=SEED_BODY)
-            assert r.status_code == 503 and "fault injected" in r.json()["message"]
-            r = await c.get("/health")
-            assert r.status_code == 503 and r.json()["message"] == "Error"
-            r = await c.post("/generate", json=SEED_BODY)
-            assert r.status_code == 503
-        status = await trio.to_thread.run_sync(srv.wait, 30.0)
-        # hypercorn's master reports 0 for a dead worker, so the worker SIGKILLs it (-9).
-        assert status == (3 if launcher == "module" else -signal.SIGKILL), srv.log_text()[-3000:]
-        assert "fault injected" in srv.log_text()
-    finally:
-        srv.stop()
+# ------------------------------------------------------------------ graceful shutdown
 
 
 async def test_sigterm_drains_inflight_stream(server: ServerProcess) -> None:

@@ -1,76 +1,29 @@
 """The HTTP layer in-process: Quart-Trio's test client on the real engine (default model).
 
 The weights load once per session; each test builds a fresh `AsyncEngine` (fresh scheduler,
-KV accounting and fault injection) around them, so an app start costs milliseconds.
+KV accounting and fault injection) around them, so an app start costs milliseconds (conftest.py's
+`make_app`). Bad requests are in test_server_validation.py.
 """
 
 from __future__ import annotations
 
 import gc
 import json
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import replace
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import trio
-from quart_trio import QuartTrio
 
-from runtime.engine import AsyncEngine, EngineCore
 from runtime.engine_args import EngineArgs
-from runtime.model_runner import ModelRunner, load_runner
 from runtime.sampling_params import parse_sampling_params
-from runtime.tokenizer import Tokenizer
-from server.app import create_app, get_app_state
+from server.app import get_app_state
 from server.settings import OPTIONS, Settings, markdown_table, parse_args
 from server.stream import start_stream, stream_response_body
 from server.validation import GenerateRequest
+from tests.server_helpers import SEED_BODY, Factory, serving
 
 pytestmark = pytest.mark.slow
-
-MAX_LEN = 512  # max_req_total_len of the test engines
-SEED_BODY: dict[str, Any] = {
-    "inputs": "What is AI?",
-    "parameters": {"max_new_tokens": 17, "frequency_penalty": 1},
-    "multimodal_params": {},
-}
-
-
-@pytest.fixture(scope="session")
-def runner_and_tokenizer(default_model_dir: object) -> tuple[ModelRunner, Tokenizer]:
-    """The default model, loaded once."""
-    return load_runner(EngineArgs(max_total_token_num=4096, max_req_total_len=MAX_LEN))
-
-
-Factory = Callable[..., QuartTrio]
-
-
-@pytest.fixture
-def make_app(runner_and_tokenizer: tuple[ModelRunner, Tokenizer]) -> Factory:
-    """Build an app on a fresh engine around the shared weights."""
-    runner, tokenizer = runner_and_tokenizer
-
-    def factory(deaths: list[BaseException] | None = None, **engine_overrides: Any) -> QuartTrio:
-        settings = Settings(max_body_bytes=64 * 1024, death_exit_delay_s=0.05)
-
-        def engine_factory(s: Settings) -> AsyncEngine:
-            args = replace(s.to_engine_args(), max_total_token_num=4096, **engine_overrides)
-            engine = AsyncEngine(args)
-            engine._load = lambda: EngineCore(runner, tokenizer, args)  # type: ignore[method-assign]
-            return engine
-
-        sink = deaths if deaths is not None else []
-        return create_app(settings, engine_factory=engine_factory, on_engine_death=sink.append)
-
-    return factory
-
-
-@asynccontextmanager
-async def serving(app: QuartTrio) -> AsyncIterator[Any]:
-    """Run the app's startup/shutdown around a test client."""
-    async with app.test_app() as test_app:
-        yield test_app.test_client()
 
 
 async def post_stream(client: Any, path: str, body: Any) -> tuple[int, Any, bytes]:
@@ -322,91 +275,6 @@ async def test_stop_sequence_and_eos(make_app: Factory) -> None:
         if out["finish_reason"] == "stop":
             last = out["tokens"][-1]
             assert last["text"] == "" and last["count_output_tokens"] == out["count_output_tokens"]
-
-
-# ------------------------------------------------------------------ validation
-
-# fmt: off
-BAD_REQUESTS: list[tuple[str, Any, int, str | None]] = [
-    # (path, body (bytes = raw), status, field)
-    ("/generate", b"{not json", 400, "body"),
-    ("/generate", b"", 400, "body"),
-    ("/generate", b"[1, 2]", 400, "body"),
-    ("/generate", b'"text"', 400, "body"),
-    ("/generate", b'{"inputs": NaN}', 400, "body"),
-    ("/generate", b"\xff\xfe", 400, "body"),
-    ("/generate", {"parameters": {}}, 400, "inputs"),
-    ("/generate", {"inputs": ""}, 400, "inputs"),
-    ("/generate", {"inputs": []}, 400, "inputs"),
-    ("/generate", {"inputs": 42}, 400, "inputs"),
-    ("/generate", {"inputs": None}, 400, "inputs"),
-    ("/generate", {"inputs": [1, "a"]}, 400, "inputs"),
-    ("/generate", {"inputs": [1, True]}, 400, "inputs"),
-    ("/generate", {"inputs": [-1]}, 400, "inputs"),
-    ("/generate", {"inputs": [49152]}, 400, "inputs"),
-    ("/generate", {"inputs": "hi", "parameters": []}, 400, "parameters"),
-    ("/generate", {"inputs": "hi", "parameters": {"temperature": -1}}, 400, "temperature"),
-    ("/generate", {"inputs": "hi", "parameters": {"top_p": 0}}, 400, "top_p"),
-    ("/generate", {"inputs": "hi", "parameters": {"top_k": 0}}, 400, "top_k"),
-    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 0}}, 400, "max_new_tokens"),
-    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": "5"}}, 400, "max_new_tokens"),
-    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": MAX_LEN}}, 400, "max_new_tokens"),
-    ("/generate", {"inputs": "hi", "parameters": {"temprature": 0.5}}, 400, "temprature"),
-    ("/generate", {"inputs": "hi", "parameters": {"n": 9}}, 400, "n"),
-    ("/generate", {"inputs": "hi", "parameters": {"return_details": "yes"}}, 400, "return_details"),
-    ("/generate", {"inputs": "hi", "parameters": {"stop_sequences": 5}}, 400, "stop_sequences"),
-    ("/generate", {"inputs": "hi", "parameters": {"min_new_tokens": 9, "max_new_tokens": 2}}, 400, "min_new_tokens"),
-    ("/generate", {"inputs": "hi", "multimodal_params": {"images": [{"type": "url", "data": "x"}]}}, 400, "multimodal_params.images"),
-    ("/generate", {"inputs": "hi", "multimodal_params": {"audios": [{"type": "base64", "data": "x"}]}}, 400, "multimodal_params.audios"),
-    ("/generate", {"inputs": "hi", "multimodal_params": []}, 400, "multimodal_params"),
-    ("/generate", {"inputs": "hi", "extra": 1}, 400, "extra"),
-    ("/generate", {"inputs": "word " * (MAX_LEN + 10)}, 400, "inputs"),
-    ("/generate", {"inputs": "x" * (8 * MAX_LEN + 1)}, 400, "inputs"),
-    ("/generate", {"inputs": "hi", "stream": "yes"}, 400, "stream"),
-    ("/generate_stream", {"inputs": "hi", "parameters": {"top_p": 2}}, 400, "top_p"),
-    ("/generate_stream", {"inputs": "hi", "parameters": {"max_new_tokens": MAX_LEN}}, 400, "max_new_tokens"),
-    ("/", {"inputs": [], "stream": True}, 400, "inputs"),
-    ("/tokens", {"parameters": {}}, 400, "text"),
-    ("/tokens", {"text": 5}, 400, "text"),
-    ("/get_score", {"chat": "hi"}, 400, None),
-    ("/generate", b'{"inputs": "' + b"a" * 70_000 + b'"}', 413, "body"),
-]
-# fmt: on
-
-
-@pytest.mark.parametrize(("path", "body", "status", "field"), BAD_REQUESTS)
-async def test_bad_request(
-    make_app: Factory, path: str, body: Any, status: int, field: str | None
-) -> None:
-    app = make_app()
-    async with serving(app) as client:
-        if isinstance(body, bytes):
-            r = await client.post(path, data=body, headers={"Content-Type": "application/json"})
-        else:
-            r = await client.post(path, json=body)
-        assert r.status_code == status, await r.get_data()
-        assert r.headers["Content-Type"] == "application/json"
-        err = await r.get_json()
-        assert err["field"] == field and err["type"] == "invalid_request_error"
-        assert isinstance(err["message"], str) and len(err["message"]) > 10
-        if field and "." not in field and field not in ("body",):
-            assert field in err["message"]
-        assert get_app_state(app).in_flight == 0
-
-
-async def test_length_error_names_the_numbers(make_app: Factory) -> None:
-    async with serving(make_app()) as client:
-        r = await client.post(
-            "/generate", json={"inputs": [1, 2, 3], "parameters": {"max_new_tokens": MAX_LEN}}
-        )
-        msg = (await r.get_json())["message"]
-        assert r.status_code == 400
-        assert (
-            "max_new_tokens" in msg
-            and str(MAX_LEN) in msg
-            and "3" in msg
-            and "max_req_total_len" in msg
-        )
 
 
 # ------------------------------------------------------------------ backpressure, abort, death

@@ -1,0 +1,145 @@
+"""bench_serving's prompts: the synthetic peer prompt (optionally calibrated to a token count),
+the bundled or a given jsonl file, each prefixed with a unique request number."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+BUNDLED_PROMPTS = HERE / "prompts_en.jsonl"
+
+# The prompt of the peer figures (shared reference cpu-peers.md): 65 tokens on SmolLM2.
+PEER_PROMPT = (
+    "Request {n:04d}. The following is a report about the history of the city library. "
+    "The library was founded years ago by a group of local teachers who wanted every child in "
+    "town to have access to books. Over time it grew from a single room into a large building. "
+    "Write the next part of the report:"
+)
+PREFIX = "Request {n:04d}. "
+FILLER = (
+    "The following is a report about the history of the city library. The library was founded "
+    "years ago by a group of local teachers who wanted every child in town to have access to "
+    "books. Over time it grew from a single room into a large building."
+).split()
+
+
+def synthetic_prompt(n: int, words: int | None) -> str:
+    """The peer prompt (words=None) or "Request NNNN. " + `words` words of the same text."""
+    if words is None:
+        return PEER_PROMPT.format(n=n)
+    body = [FILLER[i % len(FILLER)] for i in range(words)]
+    return (PREFIX.format(n=n) + " ".join(body)).rstrip()
+
+
+def calibrate_words(target_tokens: int, count: Callable[[str], int]) -> int:
+    """The most filler words whose synthetic prompt has at most `target_tokens` tokens."""
+    lo, hi = 0, max(4, 2 * target_tokens)
+    while count(synthetic_prompt(1, hi)) <= target_tokens:  # make sure hi is over the target
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count(synthetic_prompt(1, mid)) <= target_tokens:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def load_jsonl_prompts(path: Path) -> list[str]:
+    """`{"prompt": str}` (or `{"text": str}`) lines."""
+    prompts = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            text = obj.get("prompt", obj.get("text")) if isinstance(obj, dict) else obj
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'prompt' string")
+            prompts.append(text)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+def make_token_counter(args: argparse.Namespace) -> tuple[Callable[[str], int], str]:
+    """A prompt-token counter: a local tokenizer file, else the server's tokenize endpoint."""
+    if args.tokenizer:
+        from tokenizers import Tokenizer
+
+        p = Path(args.tokenizer)
+        tok = Tokenizer.from_file(str(p / "tokenizer.json" if p.is_dir() else p))
+        return (lambda text: len(tok.encode(text).ids)), f"tokenizer {p}"
+    base = args.base_url.rstrip("/")
+    client = httpx.Client(timeout=60.0, trust_env=False)
+    if args.backend == "nurserve":
+
+        def count(text: str) -> int:
+            r = client.post(f"{base}/tokens", json={"text": text, "parameters": {}})
+            r.raise_for_status()
+            return int(r.json()["ntokens"])
+
+        return count, f"{base}/tokens"
+
+    def count_openai(text: str) -> int:  # llama.cpp (content) and vLLM (prompt) /tokenize
+        body: dict[str, Any] = {"content": text, "prompt": text, "add_special": True}
+        if args.model:
+            body["model"] = args.model
+        r = client.post(f"{base}/tokenize", json=body)
+        r.raise_for_status()
+        obj = r.json()
+        return int(obj["count"]) if "count" in obj else len(obj["tokens"])
+
+    return count_openai, f"{base}/tokenize"
+
+
+def build_prompts(args: argparse.Namespace, total: int) -> tuple[list[str], dict[str, Any]]:
+    """`total` prompts with unique request numbers, and a description for the result JSON."""
+    if args.dataset == "synthetic":
+        if args.input_len is None:
+            return [synthetic_prompt(n, None) for n in range(total)], {
+                "dataset": "synthetic",
+                "prompt": "peer prompt (cpu-peers.md), 65 tokens on SmolLM2",
+            }
+        count, how = make_token_counter(args)
+        words = calibrate_words(args.input_len, count)
+        got = count(synthetic_prompt(1, words))
+        if got != args.input_len:
+            print(
+                f"note: synthetic prompts have {got} tokens (asked {args.input_len}); "
+                "the server's counts are reported",
+                file=sys.stderr,
+            )
+        return [synthetic_prompt(n, words) for n in range(total)], {
+            "dataset": "synthetic",
+            "input_len": args.input_len,
+            "calibrated_tokens": got,
+            "filler_words": words,
+            "counted_by": how,
+        }
+    path = BUNDLED_PROMPTS if args.dataset == "bundled" else Path(args.dataset)
+    base = load_jsonl_prompts(path)
+    rng = random.Random(args.seed)
+    order = list(range(len(base)))
+    rng.shuffle(order)
+    prompts = [PREFIX.format(n=n) + base[order[n % len(base)]] for n in range(total)]
+    return prompts, {"dataset": str(path.name if args.dataset == "bundled" else path)}
+
+
+__all__ = [
+    "BUNDLED_PROMPTS",
+    "PEER_PROMPT",
+    "build_prompts",
+    "calibrate_words",
+    "load_jsonl_prompts",
+    "make_token_counter",
+    "synthetic_prompt",
+]
