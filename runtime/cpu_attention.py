@@ -2,8 +2,9 @@
 
 The torch path gathers every sequence's K and V (`index_select`) into a padded batch before SDPA;
 at batch 64 that copy costs as much as the layer's matmuls. This Numba kernel walks the slot table
-directly, one (sequence, kv head) per work item, scoring all the GQA group's queries against
-each key as it is read. Semantics equal the torch path (masked by `seq_lens`, softmax in fp32).
+directly, one sequence per work item, scoring all of its queries against each key row as it
+is read (items of a whole sequence read whole slot rows: 1.6-2x faster here than items of one
+(sequence, kv head)). Semantics equal the torch path (masked by `seq_lens`, softmax in fp32).
 Set `NURSERVE_CPU_ATTENTION=torch` to turn it off.
 """
 
@@ -34,61 +35,65 @@ def _kernel() -> Any:
     # Inner loops index 1-D row views with `range` indices only: LLVM vectorises those (an index
     # such as `row[off + i]` may be negative to Numba, and its wrap-around check stops that).
     @numba.njit(fastmath=True, cache=True, nogil=True, boundscheck=False)
-    def one_head(qs, k, v, trow, n, h, out, scale):  # type: ignore[no-untyped-def]
-        # qs [g, hd] queries of one kv head; k, v [S, nkv, hd]; trow [L] slots; out [g, hd]
-        g, hd = qs.shape
-        probs = np.empty((g, n), dtype=np.float32)
-        for t in range(n):  # scores: each key row is read once for the whole GQA group
-            kr = k[trow[t], h]
-            for j in range(g):
-                qj = qs[j]
-                d = np.float32(0.0)
-                for i in range(hd):
-                    d += qj[i] * kr[i]
-                probs[j, t] = d * scale
-        for j in range(g):  # softmax in place
-            pj = probs[j]
-            m = pj[0]
+    def one_seq(qb, k, v, trow, n, out, scale, probs):  # type: ignore[no-untyped-def]
+        # qb [nkv, g, hd]; k, v [S, nkv, hd]; trow [L] slots; out [nkv, g, hd]; probs [nkv*g, L]
+        nkv, g, hd = qb.shape
+        for t in range(n):  # scores: each key row (all kv heads) is read once, in slot order
+            s = trow[t]
+            for h in range(nkv):
+                kr = k[s, h]
+                for j in range(g):
+                    qj = qb[h, j]
+                    d = np.float32(0.0)
+                    for i in range(hd):
+                        d += qj[i] * kr[i]
+                    probs[h * g + j, t] = d * scale
+        for r in range(nkv * g):  # softmax in place
+            pr = probs[r]
+            m = pr[0]
             for t in range(1, n):
-                m = max(m, pj[t])
+                m = max(m, pr[t])
             tot = np.float32(0.0)
             for t in range(n):
-                e = np.exp(pj[t] - m)
-                pj[t] = e
+                e = np.exp(pr[t] - m)
+                pr[t] = e
                 tot += e
             inv = np.float32(1.0) / tot
             for t in range(n):
-                pj[t] *= inv
-        # P @ V, three queries per pass over the value rows, each with a private accumulator
-        # (past g the last query repeats and its row is written twice, harmlessly)
-        for j0 in range(0, g, 3):
-            j1 = min(j0 + 1, g - 1)
-            j2 = min(j0 + 2, g - 1)
-            a0 = np.zeros(hd, dtype=np.float32)
-            a1 = np.zeros(hd, dtype=np.float32)
-            a2 = np.zeros(hd, dtype=np.float32)
-            for t in range(n):
-                vr = v[trow[t], h]
-                p0 = probs[j0, t]
-                p1 = probs[j1, t]
-                p2 = probs[j2, t]
-                for i in range(hd):
-                    x = vr[i]
-                    a0[i] += p0 * x
-                    a1[i] += p1 * x
-                    a2[i] += p2 * x
-            out[j0] = a0
-            out[j1] = a1
-            out[j2] = a2
+                pr[t] *= inv
+        # P @ V, three queries of a kv head per pass over its value rows, each with a private
+        # accumulator (past g the last query repeats and its row is written twice, harmlessly)
+        for h in range(nkv):
+            for j0 in range(0, g, 3):
+                j1 = min(j0 + 1, g - 1)
+                j2 = min(j0 + 2, g - 1)
+                p0r = probs[h * g + j0]
+                p1r = probs[h * g + j1]
+                p2r = probs[h * g + j2]
+                a0 = np.zeros(hd, dtype=np.float32)
+                a1 = np.zeros(hd, dtype=np.float32)
+                a2 = np.zeros(hd, dtype=np.float32)
+                for t in range(n):
+                    vr = v[trow[t], h]
+                    p0 = p0r[t]
+                    p1 = p1r[t]
+                    p2 = p2r[t]
+                    for i in range(hd):
+                        x = vr[i]
+                        a0[i] += p0 * x
+                        a1[i] += p1 * x
+                        a2[i] += p2 * x
+                out[h, j0] = a0
+                out[h, j1] = a1
+                out[h, j2] = a2
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
     def paged_decode(q, k, v, table, seq_lens, out, scale):  # type: ignore[no-untyped-def]
         # q [B, nkv, g, hd]; k, v [S, nkv, hd]; table [B, L]; seq_lens [B]; out [B, nkv, g, hd]
-        n_b, n_kv = q.shape[0], q.shape[1]
-        for item in numba.prange(n_b * n_kv):  # one (sequence, kv head) per work item
-            b = item // n_kv
-            h = item % n_kv
-            one_head(q[b, h], k, v, table[b], seq_lens[b], h, out[b, h], scale)
+        n_b, n_kv, g = q.shape[0], q.shape[1], q.shape[2]
+        for b in numba.prange(n_b):  # one sequence per work item: its slots' rows read whole
+            probs = np.empty((n_kv * g, table.shape[1]), dtype=np.float32)
+            one_seq(q[b], k, v, table[b], seq_lens[b], out[b], scale, probs)
 
     return paged_decode
 
