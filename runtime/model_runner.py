@@ -174,9 +174,16 @@ def load_runner(args: EngineArgs) -> tuple[ModelRunner, Tokenizer]:
 
 
 def warmup(runner: ModelRunner) -> None:
-    """One tiny forward so the first request does not pay for lazy initialisation."""
+    """A tiny prefill and a tiny decode step, so the first request pays for no lazy
+    initialisation (oneDNN primitives, and on the CPU the Numba decode kernel, which is compiled
+    or loaded from Numba's cache on first use: seconds). Writes only the inert pad slot."""
     pool = runner.pool
-    batch = make_forward_batch(
-        [SeqChunk([0, 0], 0, [pool.pad_slot, pool.pad_slot])], pool.pad_slot, runner.device
+    pad = pool.pad_slot
+    prefill = make_forward_batch([SeqChunk([0, 0], 0, [pad, pad])], pad, runner.device)
+    decode = make_forward_batch(
+        [SeqChunk([0], 1, [pad, pad]), SeqChunk([0], 1, [pad, pad])], pad, runner.device
     )
-    runner.model.hidden(batch, pool)
+    for batch in (prefill, decode):
+        hidden = runner.model.hidden(batch, pool)  # [B, H]
+        if not runner.is_reward_model:
+            runner.model.logits_from_hidden(hidden)
