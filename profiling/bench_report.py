@@ -119,37 +119,62 @@ def make_plots(
         ax.plot(
             xs, [r["metrics"]["total_token_throughput"] for r in runs], "s--", label="total tok/s"
         )
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("tokens / s")
-        ax.set_title(f"Throughput vs {xlabel} — {title}")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        if not open_loop:
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(xs, [str(x) for x in xs])
-        fig.tight_layout()
-        path = plot_dir / "throughput_vs_load.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+        written.append(
+            _finish_load_plot(
+                fig,
+                ax,
+                xs,
+                xlabel,
+                "tokens / s",
+                f"Throughput vs {xlabel} — {title}",
+                open_loop,
+                plot_dir / "throughput_vs_load.png",
+            )
+        )
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for stat, style in (("median", "o-"), ("p99", "s--")):
             ax.plot(xs, [r["metrics"]["ttft_ms"][stat] for r in runs], style, label=f"TTFT {stat}")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("TTFT (ms)")
-        ax.set_title(f"TTFT vs {xlabel} — {title}")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        if not open_loop:
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(xs, [str(x) for x in xs])
-        fig.tight_layout()
-        path = plot_dir / "ttft_vs_load.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+        written.append(
+            _finish_load_plot(
+                fig,
+                ax,
+                xs,
+                xlabel,
+                "TTFT (ms)",
+                f"TTFT vs {xlabel} — {title}",
+                open_loop,
+                plot_dir / "ttft_vs_load.png",
+            )
+        )
     return written
+
+
+def _finish_load_plot(
+    fig: Any,
+    ax: Any,
+    xs: list[Any],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    open_loop: bool,
+    path: Path,
+) -> str:
+    """Label, scale (log2 concurrency axis for closed loops), save and close a load plot."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    if not open_loop:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 __all__ = ["format_summary", "make_plots"]

@@ -113,9 +113,10 @@ async def _one(
         res = RequestResult(index=index, start=start, retries=attempt)
         try:
             await send(client, url, prompt, args, res)
-        except httpx.RemoteProtocolError as e:
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
             # A keep-alive connection the server closed just as it was reused (cpp-httplib
-            # closes them after a few requests): nothing was received, so send it once more.
+            # closes them after a few requests; seen as a protocol error or as a read from a
+            # closed socket): nothing was received, so send it once more.
             if attempt == 0 and res.chunks == 0 and res.error is None:
                 continue
             res.error = f"{type(e).__name__}: {e}"[:300]

@@ -223,14 +223,23 @@ async def test_nurserve_backend_failures() -> None:
     assert not res.ok and "bad event" in res.error
 
 
-async def test_request_resent_once_when_a_reused_connection_was_closed() -> None:
+@pytest.mark.parametrize(
+    "closed",
+    [
+        httpx.RemoteProtocolError("Server disconnected without sending a response."),
+        httpx.ReadError("this socket was already closed"),  # llama-server, seen at C = 8
+    ],
+)
+async def test_request_resent_once_when_a_reused_connection_was_closed(
+    closed: httpx.TransportError,
+) -> None:
     calls = 0
 
     def handler(request: httpx.Request) -> httpx.Response:
         nonlocal calls
         calls += 1
         if calls == 1:
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+            raise closed
         return httpx.Response(200, content=_native_event(1, "a", True))
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
