@@ -125,7 +125,11 @@ def run_hf(
 
     from runtime.default_model import default_model_dir
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.data_type or "fp32"]
+    # fp16: ours keeps fp16 weights with fp32 activations; transformers has no such CPU mode
+    # (a whole-fp16 model crawls without native fp16 arithmetic), so it runs fp32
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}[
+        args.data_type or "fp32"
+    ]
     model = transformers.AutoModelForCausalLM.from_pretrained(
         default_model_dir(), dtype=dtype
     ).eval()
@@ -156,7 +160,11 @@ def main() -> None:
         "--hf-serial-requests", type=int, default=64, help="requests for the one-at-a-time baseline"
     )
     ap.add_argument("--hf-batches", type=int, nargs="*", default=[8, 32])
-    ap.add_argument("--data_type", default=None, help="fp32 (CPU default) or bf16, for both sides")
+    ap.add_argument(
+        "--data_type",
+        default=None,
+        help="fp32 (CPU default) or bf16, for both sides; fp16: ours with fp16 weights, transformers fp32",
+    )
     ap.add_argument("--batch-max-tokens", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-hf", action="store_true")
@@ -193,6 +201,11 @@ def main() -> None:
     )
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, dtype {args.data_type or 'fp32'}"
+        + (
+            " (nurserve: fp16 weights, fp32 activations; transformers: fp32)"
+            if args.data_type == "fp16"
+            else ""
+        )
     )
     if args.json:
         args.json.write_text(

@@ -100,7 +100,7 @@ class DecoderLayer(nn.Module):
 
 def _linear_add(linear: nn.Module, inp: Tensor, residual: Tensor) -> Tensor:
     """`residual + linear(inp)`, fused into the matmul when the weight is oneDNN-packed."""
-    if isinstance(linear, cpu_linear.PackedLinear):
+    if isinstance(linear, cpu_linear.PackedLinear | cpu_linear.Fp16WeightLinear):
         return linear.add_to(inp, residual)
     return residual + linear(inp)
 
@@ -251,7 +251,7 @@ class CausalLM(nn.Module):
             self.score_head = nn.Sequential(
                 nn.Linear(h, h, dtype=dtype), nn.ReLU(), nn.Linear(h, 1, dtype=dtype)
             )
-        self.packed_lm_head: Tensor | None = None  # oneDNN-packed head (cpu_linear.pack_model)
+        self.packed_lm_head: nn.Module | None = None  # CPU-packed head (cpu_linear.pack_model)
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
@@ -284,7 +284,7 @@ class CausalLM(nn.Module):
     def logits_from_hidden(self, h: Tensor) -> Tensor:
         """LM head: `[B, H]` -> `[B, vocab]` fp32."""
         if self.packed_lm_head is not None:
-            return cpu_linear.packed_linear(h, self.packed_lm_head, None)  # [B, V] fp32
+            return self.packed_lm_head(h)  # [B, V] fp32
         weight = self.lm_head.weight if self.lm_head is not None else self.embed_tokens.weight
         return F.linear(h, weight).float()
 

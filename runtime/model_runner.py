@@ -123,11 +123,20 @@ def load_runner(args: EngineArgs) -> tuple[ModelRunner, Tokenizer]:
     if device.type == "cpu" and args.num_threads:
         torch.set_num_threads(args.num_threads)
     dtype = resolve_dtype(args.data_type, device)
+    # fp16 on a CPU: fp16-stored weights with fp32 activations, K/V and sums (fbgemm); CPUs
+    # without native fp16 arithmetic run a whole-fp16 model many times slower than fp32
+    fp16_weights = (
+        device.type == "cpu" and dtype == torch.float16 and cpu_linear.fp16_weights_available()
+    )
+    if fp16_weights:
+        dtype = torch.float32
     folder = resolve_model_dir(args.model_dir)
     model = load_model(folder, dtype, device)
     if device.type == "cpu":
-        packed = cpu_linear.pack_model(model)
-        log.info("packed %d weight matrices for oneDNN", packed)
+        packed = cpu_linear.pack_model(model, "fp16" if fp16_weights else "fp32")
+        log.info(
+            "packed %d weight matrices (%s weights)", packed, "fp16" if fp16_weights else "fp32"
+        )
     tokenizer = Tokenizer.from_dir(folder)
     cfg = model.config
     if tokenizer.vocab_size > cfg.vocab_size:

@@ -56,7 +56,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "data_type",
         "str",
-        "weight/activation dtype; unset = bf16 on a GPU, fp32 on the CPU",
+        "weight/activation dtype; unset = bf16 on a GPU, fp32 on the CPU; fp16 on a CPU keeps "
+        "fp16 weights with fp32 activations (1.3-2x faster decode)",
         engine=True,
         choices=("fp32", "bf16", "fp16"),
     ),
