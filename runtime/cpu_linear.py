@@ -37,29 +37,27 @@ def available() -> bool:
     )
 
 
-def pack_weight(weight: Tensor) -> Tensor:
-    """`[out, in]` fp32 weight -> oneDNN's packed layout (an opaque mkldnn tensor)."""
-    ops: Any = torch.ops.mkldnn
-    return ops._reorder_linear_weight(weight.detach().contiguous(), _BATCH_HINT_TOKENS)
+class CpuLinear(nn.Module):
+    """An inference-only stand-in for `nn.Linear` on the CPU, its weight packed once."""
+
+    def add_to(self, x: Tensor, residual: Tensor) -> Tensor:
+        """`residual + self(x)`; subclasses may fuse the add into the matmul."""
+        return residual + self(x)  # [T, out]
 
 
-def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
-    """`[T, in]` @ packed `[out, in]`^T (+ bias) -> `[T, out]`."""
-    ops: Any = torch.ops.mkldnn
-    return ops._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-
-
-class PackedLinear(nn.Module):
-    """Inference-only stand-in for an fp32 `nn.Linear` on the CPU, its weight packed once."""
+class PackedLinear(CpuLinear):
+    """fp32 weight in oneDNN's packed layout."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.packed = pack_weight(weight)
+        ops: Any = torch.ops.mkldnn
+        self.packed = ops._reorder_linear_weight(weight.detach().contiguous(), _BATCH_HINT_TOKENS)
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: Tensor) -> Tensor:
-        return packed_linear(x, self.packed, self.bias)  # [T, out]
+        ops: Any = torch.ops.mkldnn
+        return ops._linear_pointwise(x.contiguous(), self.packed, self.bias, "none", [], "")
 
     def add_to(self, x: Tensor, residual: Tensor) -> Tensor:
         """`residual + self(x)` in one oneDNN call (the add is a post-op of the matmul)."""
@@ -79,7 +77,7 @@ def fp16_weights_available() -> bool:
     )
 
 
-class Fp16WeightLinear(nn.Module):
+class Fp16WeightLinear(CpuLinear):
     """fp32 activations times an fp16-stored weight (fbgemm converts it on the fly; fp32 sums).
 
     What `--data_type fp16` means on a CPU: half the weight bytes read per token. Measured here on
@@ -98,9 +96,6 @@ class Fp16WeightLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         ops: Any = torch.ops.quantized
         return ops.linear_dynamic_fp16(x.contiguous(), self.packed)  # [T, out] fp32
-
-    def add_to(self, x: Tensor, residual: Tensor) -> Tensor:
-        return residual + self.forward(x)  # [T, out]
 
 
 def pack_model(model: CausalLM, weights: str = "fp32") -> int:

@@ -66,7 +66,7 @@ class DecoderLayer(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = config.num_heads, config.num_kv_heads, hd
         self.eps = config.rms_norm_eps
         qkv_out = (config.num_heads + 2 * config.num_kv_heads) * hd
-        # nn.Linear, or cpu_linear.PackedLinear once `cpu_linear.pack_model` has run
+        # nn.Linear, or a cpu_linear.CpuLinear once `cpu_linear.pack_model` has run
         self.qkv_proj: nn.Module = nn.Linear(h, qkv_out, bias=config.qkv_bias, dtype=dtype)
         self.o_proj: nn.Module = nn.Linear(
             config.num_heads * hd, h, bias=config.o_bias, dtype=dtype
@@ -99,8 +99,8 @@ class DecoderLayer(nn.Module):
 
 
 def _linear_add(linear: nn.Module, inp: Tensor, residual: Tensor) -> Tensor:
-    """`residual + linear(inp)`, fused into the matmul when the weight is oneDNN-packed."""
-    if isinstance(linear, cpu_linear.PackedLinear | cpu_linear.Fp16WeightLinear):
+    """`residual + linear(inp)`, fused into the matmul where the packed layer can."""
+    if isinstance(linear, cpu_linear.CpuLinear):
         return linear.add_to(inp, residual)
     return residual + linear(inp)
 

@@ -133,10 +133,9 @@ def load_runner(args: EngineArgs) -> tuple[ModelRunner, Tokenizer]:
     folder = resolve_model_dir(args.model_dir)
     model = load_model(folder, dtype, device)
     if device.type == "cpu":
-        packed = cpu_linear.pack_model(model, "fp16" if fp16_weights else "fp32")
-        log.info(
-            "packed %d weight matrices (%s weights)", packed, "fp16" if fp16_weights else "fp32"
-        )
+        weights = "fp16" if fp16_weights else "fp32"
+        packed = cpu_linear.pack_model(model, weights)
+        log.info("packed %d weight matrices (%s weights)", packed, weights)
     tokenizer = Tokenizer.from_dir(folder)
     cfg = model.config
     if tokenizer.vocab_size > cfg.vocab_size:
