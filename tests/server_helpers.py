@@ -181,6 +181,20 @@ def parse_sse(raw: bytes) -> list[dict[str, Any]]:
     return out
 
 
+async def stream_through_sigterm(
+    client: httpx.AsyncClient, srv: ServerProcess, body: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Stream `/generate_stream`, send `srv` SIGTERM on the first chunk, return the parsed events
+    (a draining server finishes the stream)."""
+    chunks: list[bytes] = []
+    async with client.stream("POST", "/generate_stream", json=body) as r:
+        async for chunk in r.aiter_raw():
+            if not chunks:
+                srv.signal(signal.SIGTERM)
+            chunks.append(chunk)
+    return parse_sse(b"".join(chunks))
+
+
 @asynccontextmanager
 async def serving(app: QuartTrio) -> AsyncIterator[Any]:
     """Run the app's startup/shutdown around a test client."""

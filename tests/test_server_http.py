@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import time
 from collections.abc import Iterator
 from contextlib import aclosing
@@ -19,7 +18,14 @@ import httpx
 import pytest
 import trio
 
-from tests.server_helpers import SEED_BODY, ServerProcess, client_for, parse_sse, start_server
+from tests.server_helpers import (
+    SEED_BODY,
+    ServerProcess,
+    client_for,
+    parse_sse,
+    start_server,
+    stream_through_sigterm,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -405,13 +411,7 @@ async def test_sigterm_drains_inflight_stream(server: ServerProcess) -> None:
     """Last test of the module: SIGTERM lets an in-flight stream finish, then exits 0."""
     body = {"inputs": "List the planets", "parameters": {"max_new_tokens": 12, "ignore_eos": True}}
     async with client_for(server) as c:
-        async with c.stream("POST", "/generate_stream", json=body) as r:
-            chunks: list[bytes] = []
-            async for chunk in r.aiter_raw():
-                if not chunks:
-                    server.signal(signal.SIGTERM)
-                chunks.append(chunk)
-        events = parse_sse(b"".join(chunks))
+        events = await stream_through_sigterm(c, server, body)
         assert len(events) == 12 and events[-1]["finished"] is True
         assert events[-1]["finish_reason"] == "length"
     status = await trio.to_thread.run_sync(server.wait, 60.0)

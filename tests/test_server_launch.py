@@ -10,7 +10,7 @@ import signal
 import pytest
 import trio
 
-from tests.server_helpers import SEED_BODY, client_for, parse_sse, start_server
+from tests.server_helpers import SEED_BODY, client_for, start_server, stream_through_sigterm
 
 pytestmark = pytest.mark.slow
 
@@ -47,13 +47,7 @@ async def test_hypercorn_cli_launch_with_env() -> None:
                 "inputs": "Count slowly",
                 "parameters": {"max_new_tokens": 10, "ignore_eos": True},
             }
-            async with c.stream("POST", "/generate_stream", json=body) as r:
-                chunks: list[bytes] = []
-                async for chunk in r.aiter_raw():
-                    if not chunks:
-                        srv.signal(signal.SIGTERM)
-                    chunks.append(chunk)
-            events = parse_sse(b"".join(chunks))
+            events = await stream_through_sigterm(c, srv, body)
             assert len(events) == 10 and events[-1]["finished"] is True
         status = await trio.to_thread.run_sync(srv.wait, 60.0)
         assert status == 0, srv.log_text()[-3000:]
