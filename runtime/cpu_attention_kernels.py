@@ -9,15 +9,57 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from llvmlite import ir
+from llvmlite.binding import llvm_version_info
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_AHEAD_ROWS = 6  # slot rows prefetched ahead of the one being read
+# the intrinsic's pointer-type suffix: opaque pointers from LLVM 15 on, typed i8* before
+_PREFETCH = "llvm.prefetch.p0" if llvm_version_info[0] >= 15 else "llvm.prefetch.p0i8"
+
+
+@intrinsic
+def prefetch_row(typingctx, arr, idx):  # type: ignore[no-untyped-def]
+    """Prefetch every cache line of `arr[idx]` (a row of a C-contiguous array) for reading.
+
+    A sequence's slots are not contiguous (decode steps hand out one slot per sequence in
+    turn), so the hardware prefetcher cannot follow a slot-table walk: software prefetch of
+    the next rows measured 1.3-1.5x on the batch-64 decode attention here."""
+    sig = types.void(arr, idx)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        row_bytes = builder.extract_value(ary.strides, 0)
+        addr = builder.add(builder.ptrtoint(ary.data, i64), builder.mul(args[1], row_bytes))
+        i8p = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, _PREFETCH)
+        n_lines = builder.udiv(row_bytes, ir.Constant(i64, 64))
+        with cgutils.for_range(builder, n_lines) as loop:
+            line = builder.add(addr, builder.mul(loop.index, ir.Constant(i64, 64)))
+            rw, locality, data = ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)
+            builder.call(fn, [builder.inttoptr(line, i8p), rw, locality, data])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 # Inner loops index 1-D row views with `range` indices only: LLVM vectorises those (an index
 # such as `row[off + i]` may be negative to Numba, and its wrap-around check stops that).
 @numba.njit(fastmath=True, cache=True, nogil=True, boundscheck=False)
-def one_seq(qb, k, v, trow, n, out, scale, probs):  # type: ignore[no-untyped-def]
-    # qb [nkv, g, hd]; k, v [S, nkv, hd]; trow [L] slots; out [nkv, g, hd]; probs [nkv*g, L]
+def one_seq(qb, k, v, trow, n, out, scale, probs, acc):  # type: ignore[no-untyped-def]
+    # qb [nkv, g, hd]; k, v [S, nkv, hd]; trow [L] slots; out, acc [nkv, g, hd]; probs [nkv*g, L]
     nkv, g, hd = qb.shape
+    for t in range(min(_AHEAD_ROWS, n)):
+        prefetch_row(k, trow[t])
     for t in range(n):  # scores: each key row (all kv heads) is read once, in slot order
+        if t + _AHEAD_ROWS < n:
+            prefetch_row(k, trow[t + _AHEAD_ROWS])
+        elif t + _AHEAD_ROWS - n < n:  # the first value rows, while the last keys are read
+            prefetch_row(v, trow[t + _AHEAD_ROWS - n])
         s = trow[t]
         for h in range(nkv):
             kr = k[s, h]
@@ -40,31 +82,19 @@ def one_seq(qb, k, v, trow, n, out, scale, probs):  # type: ignore[no-untyped-de
         inv = np.float32(1.0) / tot
         for t in range(n):
             pr[t] *= inv
-    # P @ V, three queries of a kv head per pass over its value rows, each with a private
-    # accumulator (past g the last query repeats and its row is written twice, harmlessly)
-    for h in range(nkv):
-        for j0 in range(0, g, 3):
-            j1 = min(j0 + 1, g - 1)
-            j2 = min(j0 + 2, g - 1)
-            p0r = probs[h * g + j0]
-            p1r = probs[h * g + j1]
-            p2r = probs[h * g + j2]
-            a0 = np.zeros(hd, dtype=np.float32)
-            a1 = np.zeros(hd, dtype=np.float32)
-            a2 = np.zeros(hd, dtype=np.float32)
-            for t in range(n):
-                vr = v[trow[t], h]
-                p0 = p0r[t]
-                p1 = p1r[t]
-                p2 = p2r[t]
+    acc[:] = 0.0
+    for t in range(n):  # P @ V: one pass over the value rows, every head and query
+        if t + _AHEAD_ROWS < n:
+            prefetch_row(v, trow[t + _AHEAD_ROWS])
+        vs = v[trow[t]]
+        for h in range(nkv):
+            vr = vs[h]
+            for j in range(g):
+                p = probs[h * g + j, t]
+                a = acc[h, j]
                 for i in range(hd):
-                    x = vr[i]
-                    a0[i] += p0 * x
-                    a1[i] += p1 * x
-                    a2[i] += p2 * x
-            out[h, j0] = a0
-            out[h, j1] = a1
-            out[h, j2] = a2
+                    a[i] += p * vr[i]
+    out[:] = acc
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
@@ -73,4 +103,5 @@ def paged_decode(q, k, v, table, seq_lens, out, scale):  # type: ignore[no-untyp
     n_b, n_kv, g = q.shape[0], q.shape[1], q.shape[2]
     for b in numba.prange(n_b):  # one sequence per work item: its slots' rows read whole
         probs = np.empty((n_kv * g, table.shape[1]), dtype=np.float32)
-        one_seq(q[b], k, v, table[b], seq_lens[b], out[b], scale, probs)
+        acc = np.empty((n_kv, g, q.shape[3]), dtype=np.float32)
+        one_seq(q[b], k, v, table[b], seq_lens[b], out[b], scale, probs, acc)

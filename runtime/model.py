@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from runtime import cpu_attention, cpu_linear, triton_attention
+from runtime import cpu_attention, cpu_fused, cpu_linear, triton_attention
 from runtime.config import ModelConfig
 from runtime.kv_pool import KVPool
 
@@ -84,18 +84,35 @@ class DecoderLayer(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttnMeta
     ) -> Tensor:
         t, nh, nkv, hd = x.shape[0], self.n_heads, self.n_kv, self.head_dim
-        h = F.rms_norm(x, (x.shape[-1],), self.input_layernorm, self.eps)  # [T, H]
+        fused = cpu_fused.usable(x) and k_cache.dtype == torch.float32  # one-pass CPU kernels
+        h = _rms_norm(x, self.input_layernorm, self.eps, fused)  # [T, H]
         qkv = self.qkv_proj(h)  # [T, (nh + 2 nkv) hd]
-        qk = apply_rope(qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd), cos, sin)  # one pass
-        q, k = qk.split([nh, nkv], dim=1)  # [T, nh, hd], [T, nkv, hd]
-        v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd)  # [T, nkv, hd]
-        k_cache.index_copy_(0, meta.out_slots, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, meta.out_slots, v.to(v_cache.dtype))
+        if fused:  # rope of q and k, k and v stored at out_slots, in one pass
+            half = hd // 2
+            cos_h, sin_h = cos[:, 0, :half], sin[:, 0, :half]  # [T, hd/2]
+            q = cpu_fused.rope_store(qkv, cos_h, sin_h, meta.out_slots, k_cache, v_cache, nh)
+        else:
+            qk = apply_rope(qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd), cos, sin)
+            q, k = qk.split([nh, nkv], dim=1)  # [T, nh, hd], [T, nkv, hd]
+            v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd)  # [T, nkv, hd]
+            k_cache.index_copy_(0, meta.out_slots, k.to(k_cache.dtype))
+            v_cache.index_copy_(0, meta.out_slots, v.to(v_cache.dtype))
         attn = paged_attention(q, k_cache, v_cache, meta)  # [T, nh * hd]
         x = _linear_add(self.o_proj, attn, x)  # x + o_proj(attn)
-        h = F.rms_norm(x, (x.shape[-1],), self.post_attention_layernorm, self.eps)
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)  # [T, I] each
-        return _linear_add(self.down_proj, F.silu(gate) * up, x)  # x + down_proj(...)
+        h = _rms_norm(x, self.post_attention_layernorm, self.eps, fused)  # [T, H]
+        gate_up = self.gate_up_proj(h)  # [T, 2I]
+        if fused:
+            act = cpu_fused.silu_mul(gate_up)  # [T, I]
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
+            act = F.silu(gate) * up
+        return _linear_add(self.down_proj, act, x)  # x + down_proj(act)
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float, fused: bool) -> Tensor:
+    if fused:
+        return cpu_fused.rms_norm(x, weight, eps)  # [T, H]
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def _linear_add(linear: nn.Module, inp: Tensor, residual: Tensor) -> Tensor:
@@ -278,7 +295,7 @@ class CausalLM(nn.Module):
     def hidden(self, batch: ForwardBatch, pool: KVPool) -> Tensor:
         """Final-normed hidden state of each sequence's `logits_index` token: `[B, H]`."""
         x = self.hidden_rows(batch, pool).index_select(0, batch.logits_index)  # [B, H]
-        return F.rms_norm(x, (x.shape[-1],), self.norm, self.config.rms_norm_eps)
+        return _rms_norm(x, self.norm, self.config.rms_norm_eps, cpu_fused.usable(x))
 
     @torch.inference_mode()
     def logits_from_hidden(self, h: Tensor) -> Tensor:
