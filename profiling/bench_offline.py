@@ -17,7 +17,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import runtime  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
@@ -65,6 +65,7 @@ class Result:
     output_tokens: int
     seconds: float
     other_load_cores: float
+    outputs: list[list[int]] = field(default_factory=list, repr=False)  # generated ids per request
 
     @property
     def tok_s(self) -> float:
@@ -113,8 +114,9 @@ def run_engine(args: argparse.Namespace, prompts: list[list[int]]) -> Result:
     while not all(r.done for r in reqs):
         n_tokens += len(core.step())
     seconds = time.perf_counter() - t0
+    outputs = [list(r.seqs[0].output_ids) for r in reqs]
     return Result(
-        "nurserve engine (continuous batching)", len(reqs), n_tokens, seconds, load.cores()
+        "nurserve engine (continuous batching)", len(reqs), n_tokens, seconds, load.cores(), outputs
     )
 
 
@@ -125,28 +127,48 @@ def run_hf(
 
     from runtime.default_model import default_model_dir
 
-    # fp16: ours keeps fp16 weights with fp32 activations; transformers has no such CPU mode
-    # (a whole-fp16 model crawls without native fp16 arithmetic), so it runs fp32
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float32}[
-        args.data_type or "fp32"
-    ]
+    dtype = torch.bfloat16 if args.data_type == "bf16" else torch.float32
     model = transformers.AutoModelForCausalLM.from_pretrained(
         default_model_dir(), dtype=dtype
     ).eval()
+    if args.data_type == "fp16":
+        # ours keeps fp16-stored weight matrices (and embedding) with fp32 activations and sums;
+        # transformers has no such CPU mode (a whole-fp16 model crawls without native fp16
+        # arithmetic), so it gets the same weights, rounded to fp16, in fp32: both sides then
+        # compute the same function in fp32, only the weights' storage differs
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.copy_(p.half().float())
     gen = dict(max_new_tokens=args.output_len, min_new_tokens=args.output_len, do_sample=False)
     with torch.no_grad():  # warm-up
         model.generate(torch.tensor([prompts[0][:16]]), max_new_tokens=4, do_sample=False)
     load = OtherLoad()
     t0 = time.perf_counter()
     n_tokens = 0
+    outputs: list[list[int]] = []
     with torch.no_grad():
         for i in range(0, n_requests, batch):
             ids = torch.tensor(prompts[i : i + batch])  # [b, prompt_len], equal lengths: no padding
             out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **gen)
             n_tokens += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+            outputs.extend(out[:, ids.shape[1] :].tolist())
     seconds = time.perf_counter() - t0
     name = "transformers one at a time" if batch == 1 else f"transformers static batch {batch}"
-    return Result(name, n_requests, n_tokens, seconds, load.cores())
+    return Result(name, n_requests, n_tokens, seconds, load.cores(), outputs)
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[int, float]:
+    """(requests whose greedy tokens are identical, mean length of the common prefix)."""
+    same = 0
+    prefix = 0
+    for a, b in zip(ours, theirs, strict=False):
+        n = next(
+            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+        )
+        same += a == b
+        prefix += n
+    return same, prefix / max(1, min(len(ours), len(theirs)))
 
 
 def main() -> None:
@@ -163,7 +185,8 @@ def main() -> None:
     ap.add_argument(
         "--data_type",
         default=None,
-        help="fp32 (CPU default) or bf16, for both sides; fp16: ours with fp16 weights, transformers fp32",
+        help="fp32 (CPU default) or bf16, for both sides; fp16: fp16-stored weights, fp32 arithmetic "
+        "(transformers: the same fp16-rounded weights in fp32)",
     )
     ap.add_argument("--batch-max-tokens", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
@@ -195,6 +218,15 @@ def main() -> None:
             f"{r.name:42s} {r.requests:5d} {r.output_tokens:7d} {r.seconds:8.1f} {r.tok_s:8.1f} "
             f"{ours / r.tok_s:7.2f} {r.other_load_cores:8.2f} c"
         )
+    print("\ngreedy tokens, ours vs transformers (same prompts; fp32 sums in a different order can")
+    print("flip a near-tie, after which a sequence goes its own way):")
+    agree = {}
+    for r in results[1:]:
+        same, mean_prefix = agreement(results[0].outputs, r.outputs)
+        agree[r.name] = {"identical": same, "compared": len(r.outputs), "mean_prefix": mean_prefix}
+        print(
+            f"  {r.name:40s} identical {same}/{len(r.outputs)}, mean common prefix {mean_prefix:.1f} tokens"
+        )
     quiet = all(r.other_load_cores < 0.1 for r in results)
     print(
         f"\nmachine quiet during the run: {'yes' if quiet else 'NO'} (other processes' CPU per phase above)"
@@ -202,7 +234,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}, dtype {args.data_type or 'fp32'}"
         + (
-            " (nurserve: fp16 weights, fp32 activations; transformers: fp32)"
+            " (fp16-stored weights, fp32 activations and sums; transformers: the same weights in fp32)"
             if args.data_type == "fp16"
             else ""
         )
@@ -211,7 +243,11 @@ def main() -> None:
         args.json.write_text(
             json.dumps(
                 {
-                    "results": [asdict(r) | {"tok_s": r.tok_s} for r in results],
+                    "results": [
+                        {k: v for k, v in asdict(r).items() if k != "outputs"} | {"tok_s": r.tok_s}
+                        for r in results
+                    ],
+                    "agreement": agree,
                     "quiet": quiet,
                     "args": vars(args),
                 },

@@ -103,8 +103,10 @@ def pack_model(model: CausalLM, weights: str = "fp32") -> int:
     matrices were packed (0 when the model is not fp32 on the CPU or the backend is missing).
 
     `weights="fp32"`: oneDNN's packed fp32 layout; `"fp16"`: fbgemm's fp16 weights
-    (`Fp16WeightLinear`). The dense projection weights are dropped; the embedding stays (the
-    lookup needs it), so a tied LM head costs one extra copy of the embedding matrix.
+    (`Fp16WeightLinear`), and the embedding table (kept fp32 for the lookup) rounded to fp16
+    values too, so the model is exactly an fp32 model with every weight matrix rounded to fp16.
+    The dense projection weights are dropped; the embedding stays (the lookup needs it), so a
+    tied LM head costs one extra copy of the embedding matrix.
     """
     make: type[PackedLinear] | type[Fp16WeightLinear]
     if weights == "fp16":
@@ -117,6 +119,9 @@ def pack_model(model: CausalLM, weights: str = "fp32") -> int:
         return 0
     count = 0
     with torch.inference_mode():
+        if weights == "fp16":
+            table = model.embed_tokens.weight
+            table.copy_(table.half().float())
         for layer in model.decoder_layers():
             for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
                 linear = getattr(layer, name)

@@ -106,19 +106,15 @@ def test_logits_match_transformers(tmp_path: Path, arch: str, weights: str) -> N
 
 
 def make_fp16_rounded(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of an HF model whose projection and head weights are rounded to fp16 (kept fp32);
-    the embedding lookup stays exact, as ours does."""
+    """A copy of an HF model whose weight matrices (projections, embedding, head) are rounded to
+    fp16 and kept fp32: the function our fp16-weight mode computes."""
     import copy
 
     out = copy.deepcopy(model)
     with torch.no_grad():
-        for name, p in out.named_parameters():  # a tied head shares the embedding: skipped here
-            if p.dim() == 2 and "embed_tokens" not in name:
+        for p in out.parameters():  # a tied head is the embedding: rounded once
+            if p.dim() == 2:
                 p.copy_(p.half().float())
-        if model.config.tie_word_embeddings:  # our tied head is an fp16 copy of the embedding
-            head = torch.nn.Linear(out.config.hidden_size, out.config.vocab_size, bias=False)
-            head.weight.copy_(out.get_input_embeddings().weight.half().float())
-            out.lm_head = head
     return out
 
 
