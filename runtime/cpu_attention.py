@@ -18,10 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+PARALLEL_MIN_ROWS = 1024  # slot rows (batch x table width) from which the parallel kernel runs
+
 
 @functools.cache
 def _kernel() -> Any:
-    """Compile (or load from Numba's cache) the kernel; None when Numba is unavailable."""
+    """The kernel module (compiled, or loaded from Numba's cache, on first use); None without Numba."""
     if os.environ.get("NURSERVE_CPU_ATTENTION", "numba") != "numba":
         return None
     try:
@@ -34,7 +36,7 @@ def _kernel() -> Any:
 
     from runtime import cpu_attention_kernels  # module level: Numba can cache it
 
-    return cpu_attention_kernels.paged_decode
+    return cpu_attention_kernels
 
 
 def available() -> bool:
@@ -45,11 +47,14 @@ def paged_decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor
 ) -> Tensor:
     """q `[B, nh, hd]` fp32 over `k_cache`/`v_cache` `[S, nkv, hd]` -> `[B, nh * hd]`."""
-    kernel = _kernel()
-    assert kernel is not None, "Numba is not available"
+    kernels = _kernel()
+    assert kernels is not None, "Numba is not available"
     b, nh, hd = q.shape
     n_kv = k_cache.shape[1]
     numba_threads(torch.get_num_threads())
+    # threads only pay for themselves past ~a thousand slot rows (a parallel call costs 50-100 us)
+    parallel = b > 1 and b * block_table.shape[1] >= PARALLEL_MIN_ROWS
+    kernel = kernels.paged_decode_par if parallel else kernels.paged_decode
     qn = q.reshape(b, n_kv, nh // n_kv, hd).contiguous().numpy()  # [B, nkv, g, hd]
     out = np.empty_like(qn)
     kernel(

@@ -49,7 +49,7 @@ def prefetch_row(typingctx, arr, idx):  # type: ignore[no-untyped-def]
 
 # Inner loops index 1-D row views with `range` indices only: LLVM vectorises those (an index
 # such as `row[off + i]` may be negative to Numba, and its wrap-around check stops that).
-@numba.njit(fastmath=True, cache=True, nogil=True, boundscheck=False)
+@numba.njit(fastmath=True, cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def one_seq(qb, k, v, trow, n, out, scale, probs, acc):  # type: ignore[no-untyped-def]
     # qb [nkv, g, hd]; k, v [S, nkv, hd]; trow [L] slots; out, acc [nkv, g, hd]; probs [nkv*g, L]
     nkv, g, hd = qb.shape
@@ -97,11 +97,22 @@ def one_seq(qb, k, v, trow, n, out, scale, probs, acc):  # type: ignore[no-untyp
     out[:] = acc
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+@numba.njit(fastmath=True, cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def paged_decode(q, k, v, table, seq_lens, out, scale):  # type: ignore[no-untyped-def]
     # q [B, nkv, g, hd]; k, v [S, nkv, hd]; table [B, L]; seq_lens [B]; out [B, nkv, g, hd]
-    n_b, n_kv, g = q.shape[0], q.shape[1], q.shape[2]
-    for b in numba.prange(n_b):  # one sequence per work item: its slots' rows read whole
+    n_kv, g = q.shape[1], q.shape[2]
+    probs = np.empty((n_kv * g, table.shape[1]), dtype=np.float32)
+    acc = np.empty((n_kv, g, q.shape[3]), dtype=np.float32)
+    for b in range(q.shape[0]):
+        one_seq(q[b], k, v, table[b], seq_lens[b], out[b], scale, probs, acc)
+
+
+@numba.njit(
+    parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False, error_model="numpy"
+)
+def paged_decode_par(q, k, v, table, seq_lens, out, scale):  # type: ignore[no-untyped-def]
+    n_kv, g = q.shape[1], q.shape[2]
+    for b in numba.prange(q.shape[0]):  # one sequence per work item: its slots' rows read whole
         probs = np.empty((n_kv * g, table.shape[1]), dtype=np.float32)
         acc = np.empty((n_kv, g, q.shape[3]), dtype=np.float32)
         one_seq(q[b], k, v, table[b], seq_lens[b], out[b], scale, probs, acc)

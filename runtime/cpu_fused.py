@@ -18,6 +18,10 @@ from torch import Tensor
 
 from runtime import cpu_attention
 
+# A parallel Numba call costs 50-100 us of thread wake-up here; below this many elements one
+# thread is faster (a batch-64 decode step's rows take 10-40 us in one thread)
+PARALLEL_MIN_ELEMS = 1 << 17
+
 
 @functools.cache
 def _kernels() -> Any:
@@ -41,7 +45,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     cpu_attention.numba_threads(torch.get_num_threads())
     x = x.contiguous()
     out = torch.empty_like(x)  # [T, H]
-    _kernels().rms_norm(x.numpy(), weight.numpy(), np.float32(eps), out.numpy())
+    k = _kernels()
+    kernel = k.rms_norm_par if x.numel() >= PARALLEL_MIN_ELEMS else k.rms_norm
+    kernel(x.numpy(), weight.numpy(), np.float32(eps), out.numpy())
     return out
 
 
@@ -51,7 +57,9 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     gate_up = gate_up.contiguous()
     t, two_i = gate_up.shape
     out = gate_up.new_empty(t, two_i // 2)  # [T, I]
-    _kernels().silu_mul(gate_up.numpy(), out.numpy())
+    k = _kernels()
+    kernel = k.silu_mul_par if gate_up.numel() >= PARALLEL_MIN_ELEMS else k.silu_mul
+    kernel(gate_up.numpy(), out.numpy())
     return out
 
 
@@ -70,7 +78,9 @@ def rope_store(
     qkv = qkv.contiguous()
     hd = k_cache.shape[2]
     q = qkv.new_empty(qkv.shape[0], n_heads, hd)  # [T, nh, hd]
-    _kernels().rope_store(
+    k = _kernels()
+    kernel = k.rope_store_par if qkv.numel() >= PARALLEL_MIN_ELEMS else k.rope_store
+    kernel(
         qkv.numpy(),
         cos.contiguous().numpy(),
         sin.contiguous().numpy(),

@@ -27,7 +27,7 @@ def _exp_poly(r):  # e^r for |r| <= ln(2)/2: Cephes' expf polynomial (error ~1 u
     return p * r * r + r + np.float32(1.0)
 
 
-@numba.njit(fastmath=True, cache=True, nogil=True, boundscheck=False)
+@numba.njit(fastmath=True, cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def exp_neg_rows(x, out, bits):  # type: ignore[no-untyped-def]
     """out = exp(-x) elementwise on a 1-D row, vectorisable (no SVML here: `np.exp` is a libm
     call per element). e^z = 2^k e^r, k = round(z / ln 2); 2^k is built from its exponent bits."""
@@ -43,60 +43,94 @@ def exp_neg_rows(x, out, bits):  # type: ignore[no-untyped-def]
         out[i] *= scale[i]
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+_ROW = dict(fastmath=True, cache=True, nogil=True, boundscheck=False, error_model="numpy")
+
+
+@numba.njit(**_ROW)
+def _rms_norm_row(row, w, eps, o):  # type: ignore[no-untyped-def]
+    h = row.shape[0]
+    ss = np.float32(0.0)
+    for i in range(h):
+        ss += row[i] * row[i]
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(h) + eps)
+    for i in range(h):
+        o[i] = row[i] * inv * w[i]
+
+
+@numba.njit(**_ROW)
+def _silu_mul_row(gu, o, bits):  # type: ignore[no-untyped-def]
+    n = o.shape[0]
+    g = gu[:n]
+    u = gu[n:]
+    exp_neg_rows(g, o, bits)  # o = exp(-g)
+    for i in range(n):
+        o[i] = g[i] / (np.float32(1.0) + o[i]) * u[i]
+
+
+@numba.njit(**_ROW)
+def _rope_store_row(row, c, s, slot, k_cache, v_cache, q_row):  # type: ignore[no-untyped-def]
+    nh, hd = q_row.shape
+    nkv = k_cache.shape[1]
+    half = hd // 2
+    for h in range(nh + nkv):
+        src = row[h * hd : (h + 1) * hd]
+        dst = q_row[h] if h < nh else k_cache[slot, h - nh]
+        x1 = src[:half]
+        x2 = src[half:]
+        d1 = dst[:half]
+        d2 = dst[half:]
+        for i in range(half):
+            d1[i] = x1[i] * c[i] - x2[i] * s[i]
+            d2[i] = x2[i] * c[i] + x1[i] * s[i]
+    for h in range(nkv):
+        src = row[(nh + nkv + h) * hd : (nh + nkv + h + 1) * hd]
+        dst = v_cache[slot, h]
+        for i in range(hd):
+            dst[i] = src[i]
+
+
+# Each kernel in two drivers: serial, and parallel over rows. A parallel call costs ~50-100 us
+# of thread wake-up here, more than a decode step's rows take in one thread, so the wrappers in
+# `cpu_fused` pick the serial one for small inputs.
+
+
+@numba.njit(**_ROW)
 def rms_norm(x, w, eps, out):  # type: ignore[no-untyped-def]
     # x [T, H]; w [H]; out [T, H]:  out = x / sqrt(mean(x^2) + eps) * w
-    t_rows, h = x.shape
-    for t in numba.prange(t_rows):
-        row = x[t]
-        ss = np.float32(0.0)
-        for i in range(h):
-            ss += row[i] * row[i]
-        inv = np.float32(1.0) / np.sqrt(ss / np.float32(h) + eps)
-        o = out[t]
-        for i in range(h):
-            o[i] = row[i] * inv * w[i]
+    for t in range(x.shape[0]):
+        _rms_norm_row(x[t], w, eps, out[t])
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+@numba.njit(parallel=True, **_ROW)
+def rms_norm_par(x, w, eps, out):  # type: ignore[no-untyped-def]
+    for t in numba.prange(x.shape[0]):
+        _rms_norm_row(x[t], w, eps, out[t])
+
+
+@numba.njit(**_ROW)
 def silu_mul(gate_up, out):  # type: ignore[no-untyped-def]
     # gate_up [T, 2I] (gate | up); out [T, I]:  out = gate * sigmoid(gate) * up
-    t_rows, n = out.shape
-    for t in numba.prange(t_rows):
-        g = gate_up[t, :n]
-        u = gate_up[t, n:]
-        o = out[t]
-        bits = np.empty(n, dtype=np.int32)
-        exp_neg_rows(g, o, bits)  # o = exp(-g)
-        for i in range(n):
-            o[i] = g[i] / (np.float32(1.0) + o[i]) * u[i]
+    bits = np.empty(out.shape[1], dtype=np.int32)
+    for t in range(out.shape[0]):
+        _silu_mul_row(gate_up[t], out[t], bits)
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, boundscheck=False)
+@numba.njit(parallel=True, **_ROW)
+def silu_mul_par(gate_up, out):  # type: ignore[no-untyped-def]
+    for t in numba.prange(out.shape[0]):
+        bits = np.empty(out.shape[1], dtype=np.int32)
+        _silu_mul_row(gate_up[t], out[t], bits)
+
+
+@numba.njit(**_ROW)
 def rope_store(qkv, cos, sin, out_slots, k_cache, v_cache, q_out):  # type: ignore[no-untyped-def]
     # qkv [T, (nh + 2 nkv) hd]; cos, sin [T, hd/2]; out_slots [T]; k_cache, v_cache [S, nkv, hd];
     # q_out [T, nh, hd]. Rotate-half rope of q (-> q_out) and k (-> k_cache[slot]); v -> v_cache.
-    t_rows = qkv.shape[0]
-    nh, hd = q_out.shape[1], q_out.shape[2]
-    nkv = k_cache.shape[1]
-    half = hd // 2
-    for t in numba.prange(t_rows):
-        c = cos[t]
-        s = sin[t]
-        slot = out_slots[t]
-        row = qkv[t]
-        for h in range(nh + nkv):
-            src = row[h * hd : (h + 1) * hd]
-            dst = q_out[t, h] if h < nh else k_cache[slot, h - nh]
-            x1 = src[:half]
-            x2 = src[half:]
-            d1 = dst[:half]
-            d2 = dst[half:]
-            for i in range(half):
-                d1[i] = x1[i] * c[i] - x2[i] * s[i]
-                d2[i] = x2[i] * c[i] + x1[i] * s[i]
-        for h in range(nkv):
-            src = row[(nh + nkv + h) * hd : (nh + nkv + h + 1) * hd]
-            dst = v_cache[slot, h]
-            for i in range(hd):
-                dst[i] = src[i]
+    for t in range(qkv.shape[0]):
+        _rope_store_row(qkv[t], cos[t], sin[t], out_slots[t], k_cache, v_cache, q_out[t])
+
+
+@numba.njit(parallel=True, **_ROW)
+def rope_store_par(qkv, cos, sin, out_slots, k_cache, v_cache, q_out):  # type: ignore[no-untyped-def]
+    for t in numba.prange(qkv.shape[0]):
+        _rope_store_row(qkv[t], cos[t], sin[t], out_slots[t], k_cache, v_cache, q_out[t])

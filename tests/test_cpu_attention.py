@@ -11,6 +11,14 @@ from runtime.model import AttnGroup, _attend, _decode_group
 pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="needs Numba")
 
 
+@pytest.fixture(params=["serial", "parallel"], autouse=True)
+def driver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The kernel has a serial and a parallel driver, picked by size: run both."""
+    limit = 0 if request.param == "parallel" else 1 << 60
+    monkeypatch.setattr(cpu_attention, "PARALLEL_MIN_ROWS", limit)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(
     ("nh", "nkv", "hd"), [(9, 3, 64), (4, 4, 32), (8, 2, 40), (7, 1, 16), (10, 2, 8)]
 )

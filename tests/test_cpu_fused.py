@@ -15,6 +15,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(params=["serial", "parallel"], autouse=True)
+def driver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each kernel has a serial and a parallel driver, picked by size: run both."""
+    limit = 0 if request.param == "parallel" else 1 << 60
+    monkeypatch.setattr(cpu_fused, "PARALLEL_MIN_ELEMS", limit)
+    return str(request.param)
+
+
 @pytest.mark.parametrize(("t", "h"), [(1, 8), (5, 576), (70, 96)])
 def test_rms_norm_matches_torch(t: int, h: int) -> None:
     gen = torch.Generator().manual_seed(t * h)
