@@ -34,9 +34,9 @@ def _kernel() -> Any:
     if config.THREADING_LAYER == "default":
         config.THREADING_LAYER = "workqueue"  # plain pthreads: no second OpenMP runtime
 
-    from runtime import cpu_attention_kernels  # module level: Numba can cache it
+    from runtime import cpu_kernels_numba  # module level: Numba can cache it
 
-    return cpu_attention_kernels
+    return cpu_kernels_numba
 
 
 def available() -> bool:
