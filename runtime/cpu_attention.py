@@ -43,18 +43,25 @@ def available() -> bool:
     return _kernel() is not None
 
 
+def driver(name: str, parallel: bool) -> Any:
+    """Kernel `name` of `cpu_kernels_numba`: its parallel driver (`name_par`, Numba's workers
+    matched to torch's threads first) or its serial one."""
+    kernels = _kernel()
+    assert kernels is not None, "Numba is not available"
+    if not parallel:
+        return getattr(kernels, name)
+    numba_threads(torch.get_num_threads())
+    return getattr(kernels, name + "_par")
+
+
 def paged_decode_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, seq_lens: Tensor
 ) -> Tensor:
     """q `[B, nh, hd]` fp32 over `k_cache`/`v_cache` `[S, nkv, hd]` -> `[B, nh * hd]`."""
-    kernels = _kernel()
-    assert kernels is not None, "Numba is not available"
     b, nh, hd = q.shape
     n_kv = k_cache.shape[1]
-    numba_threads(torch.get_num_threads())
     # threads only pay for themselves past ~a thousand slot rows (a parallel call costs 50-100 us)
-    parallel = b > 1 and b * block_table.shape[1] >= PARALLEL_MIN_ROWS
-    kernel = kernels.paged_decode_par if parallel else kernels.paged_decode
+    kernel = driver("paged_decode", b > 1 and b * block_table.shape[1] >= PARALLEL_MIN_ROWS)
     qn = q.reshape(b, n_kv, nh // n_kv, hd).contiguous().numpy()  # [B, nkv, g, hd]
     out = np.empty_like(qn)
     kernel(

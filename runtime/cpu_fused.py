@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,41 +24,31 @@ PARALLEL_MIN_ELEMS = 1 << 17
 
 
 @functools.cache
-def _kernels() -> Any:
-    """The kernel module (compiled, or loaded from Numba's cache, on first use); None without Numba."""
-    if os.environ.get("NURSERVE_CPU_KERNELS", "numba") != "numba":
-        return None
-    if not cpu_attention.available():  # Numba missing; also picks Numba's threading layer
-        return None
-    from runtime import cpu_kernels_numba
-
-    return cpu_kernels_numba
+def _enabled() -> bool:
+    """Numba is there (the kernels load through `cpu_attention.driver`) and no one turned them off."""
+    return os.environ.get("NURSERVE_CPU_KERNELS", "numba") == "numba" and cpu_attention.available()
 
 
 def usable(x: Tensor) -> bool:
     """True when `x` is an fp32 CPU tensor and the kernels are available."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and _kernels() is not None
+    return x.dtype == torch.float32 and x.device.type == "cpu" and _enabled()
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """`x / sqrt(mean(x^2) + eps) * weight` over the last axis; x `[T, H]`."""
-    cpu_attention.numba_threads(torch.get_num_threads())
     x = x.contiguous()
     out = torch.empty_like(x)  # [T, H]
-    k = _kernels()
-    kernel = k.rms_norm_par if x.numel() >= PARALLEL_MIN_ELEMS else k.rms_norm
+    kernel = cpu_attention.driver("rms_norm", x.numel() >= PARALLEL_MIN_ELEMS)
     kernel(x.numpy(), weight.detach().numpy(), np.float32(eps), out.numpy())
     return out
 
 
 def silu_mul(gate_up: Tensor) -> Tensor:
     """`silu(gate) * up` for `gate_up = [gate | up]` `[T, 2I]` -> `[T, I]`."""
-    cpu_attention.numba_threads(torch.get_num_threads())
     gate_up = gate_up.contiguous()
     t, two_i = gate_up.shape
     out = gate_up.new_empty(t, two_i // 2)  # [T, I]
-    k = _kernels()
-    kernel = k.silu_mul_par if gate_up.numel() >= PARALLEL_MIN_ELEMS else k.silu_mul
+    kernel = cpu_attention.driver("silu_mul", gate_up.numel() >= PARALLEL_MIN_ELEMS)
     kernel(gate_up.numpy(), out.numpy())
     return out
 
@@ -74,17 +63,16 @@ def rope_store(
     n_heads: int,
 ) -> Tensor:
     """Rotary embedding of q and k from the fused projection `qkv` `[T, (nh + 2 nkv) hd]`; k and
-    v are written to the caches at `out_slots`, q is returned `[T, nh, hd]`. cos/sin `[T, hd/2]`."""
-    cpu_attention.numba_threads(torch.get_num_threads())
+    v are written to the caches at `out_slots`, q is returned `[T, nh, hd]`. cos/sin are the
+    model's rotate-half tables `[T, 1, hd]` (their halves are equal: the kernel reads the first)."""
     qkv = qkv.contiguous()
-    hd = k_cache.shape[2]
-    q = qkv.new_empty(qkv.shape[0], n_heads, hd)  # [T, nh, hd]
-    k = _kernels()
-    kernel = k.rope_store_par if qkv.numel() >= PARALLEL_MIN_ELEMS else k.rope_store
+    t, hd = qkv.shape[0], k_cache.shape[2]
+    q = qkv.new_empty(t, n_heads, hd)  # [T, nh, hd]
+    kernel = cpu_attention.driver("rope_store", qkv.numel() >= PARALLEL_MIN_ELEMS)
     kernel(
         qkv.numpy(),
-        cos.contiguous().numpy(),
-        sin.contiguous().numpy(),
+        cos.reshape(t, hd).numpy(),  # [T, hd], a view
+        sin.reshape(t, hd).numpy(),
         out_slots.numpy(),
         k_cache.numpy(),
         v_cache.numpy(),

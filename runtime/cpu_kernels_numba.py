@@ -133,8 +133,9 @@ def silu_mul_par(gate_up, out):  # type: ignore[no-untyped-def]
 
 @numba.njit(**_ROW)
 def rope_store(qkv, cos, sin, out_slots, k_cache, v_cache, q_out):  # type: ignore[no-untyped-def]
-    # qkv [T, (nh + 2 nkv) hd]; cos, sin [T, hd/2]; out_slots [T]; k_cache, v_cache [S, nkv, hd];
-    # q_out [T, nh, hd]. Rotate-half rope of q (-> q_out) and k (-> k_cache[slot]); v -> v_cache.
+    # qkv [T, (nh + 2 nkv) hd]; cos, sin [T, hd] (rotate-half tables: the first half is read);
+    # out_slots [T]; k_cache, v_cache [S, nkv, hd]; q_out [T, nh, hd]. Rotate-half rope of q
+    # (-> q_out) and k (-> k_cache[slot]); v -> v_cache.
     for t in range(qkv.shape[0]):
         _rope_store_row(qkv[t], cos[t], sin[t], out_slots[t], k_cache, v_cache, q_out[t])
 

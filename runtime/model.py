@@ -88,9 +88,7 @@ class DecoderLayer(nn.Module):
         h = _rms_norm(x, self.input_layernorm, self.eps, fused)  # [T, H]
         qkv = self.qkv_proj(h)  # [T, (nh + 2 nkv) hd]
         if fused:  # rope of q and k, k and v stored at out_slots, in one pass
-            half = hd // 2
-            cos_h, sin_h = cos[:, 0, :half], sin[:, 0, :half]  # [T, hd/2]
-            q = cpu_fused.rope_store(qkv, cos_h, sin_h, meta.out_slots, k_cache, v_cache, nh)
+            q = cpu_fused.rope_store(qkv, cos, sin, meta.out_slots, k_cache, v_cache, nh)
         else:
             qk = apply_rope(qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd), cos, sin)
             q, k = qk.split([nh, nkv], dim=1)  # [T, nh, hd], [T, nkv, hd]
