@@ -8,7 +8,7 @@ import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from threading import Lock
 
@@ -286,7 +286,8 @@ class AsyncEngine:
         except BaseException as exc:
             self.dead = exc
             for send in list(self._channels.values()):
-                send.send_nowait(ErrorEvent(f"engine failed: {exc!r}"))
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    send.send_nowait(ErrorEvent(f"engine failed: {exc!r}"))
                 send.close()
             self._channels.clear()
             raise
@@ -297,7 +298,11 @@ class AsyncEngine:
             send = self._channels.get(req.req_id)
             if send is None:
                 continue
-            send.send_nowait(ev)
+            try:
+                send.send_nowait(ev)
+            except trio.BrokenResourceError:  # the client left mid-step; its abort is queued
+                self._channels.pop(req.req_id, None)
+                continue
             if req.done:
                 done.append(req)
         for req in done:  # after the loop: all n sequences may finish in one step
@@ -329,13 +334,14 @@ class AsyncEngine:
         core.submit(req)
         self._wakeup.set()
         try:
-            async with recv:
-                yield recv
+            yield recv
         finally:
+            # Unregister before closing: `aclose` checkpoints, and the engine may deliver then.
+            self._channels.pop(req.req_id, None)
+            recv.close()
             if not req.done and self.dead is None:
                 core.abort(req)
                 self._wakeup.set()
-            self._channels.pop(req.req_id, None)
 
     def generate(
         self, prompt_ids: list[int], params: SamplingParams

@@ -180,3 +180,16 @@ async def test_async_engine_generate_and_cancel(default_model_dir: object) -> No
                 await trio.sleep(0.01)
         assert not isinstance(got[0], ScoreEvent)
         nursery.cancel_scope.cancel()
+
+
+def test_deliver_to_a_client_that_left_mid_step() -> None:
+    """A step's events for a request whose receiver closed (the client left) are dropped, not fatal."""
+    engine = AsyncEngine(EngineArgs(max_total_token_num=64))
+    left, stays = (Request(i, [1], SamplingParams()) for i in (1, 2))
+    send_left, recv_left = trio.open_memory_channel[object](8)
+    send_stays, recv_stays = trio.open_memory_channel[object](8)
+    engine._channels.update({1: send_left, 2: send_stays})  # type: ignore[dict-item]
+    recv_left.close()
+    ev = ScoreEvent(0.5, 1)
+    engine._deliver([(left, ev), (stays, ev)])
+    assert 1 not in engine._channels and recv_stays.receive_nowait() is ev
