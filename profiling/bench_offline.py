@@ -25,6 +25,8 @@ import runtime  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 # isort: split
 import torch
 
+from runtime.config import ModelConfig
+
 TEMPLATE = (
     "Request {n:04d}. The following is a report about the history of the city library. The "
     "library was founded years ago by a group of local teachers who wanted every child in town to "
@@ -158,6 +160,31 @@ def run_hf(
     return Result(name, n_requests, n_tokens, seconds, load.cores(), outputs)
 
 
+def workload_flops(cfg: ModelConfig, requests: int, prompt_len: int, output_len: int) -> float:
+    """Multiply-add FLOPs the benchmark needs, whoever runs it: every fed token through the
+    projections and attention, and the LM head for every sampled token (prefill rows need none)."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    qkv = h * (cfg.num_heads + 2 * cfg.num_kv_heads) * hd
+    per_layer = qkv + cfg.num_heads * hd * h + 3 * h * cfg.intermediate_size
+    fed = prompt_len + output_len - 1  # the last token is sampled, never fed back
+    proj = 2.0 * per_layer * cfg.num_layers * fed
+    # scores and P @ V: 4 * heads * head_dim per (query, key) pair, keys up to the query
+    attn = 4.0 * cfg.num_heads * hd * cfg.num_layers * fed * (fed + 1) / 2
+    head = 2.0 * h * cfg.vocab_size * output_len
+    return requests * (proj + attn + head)
+
+
+def fp32_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 matmul rate now (best of `repeats` square matmuls), GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best / 1e9
+
+
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> tuple[int, float]:
     """(requests whose greedy tokens are identical, mean length of the common prefix)."""
     same = 0
@@ -207,8 +234,10 @@ def main() -> None:
         for b in args.hf_batches:
             results.append(run_hf(args, prompts, b, args.requests))
             print(f"{results[-1].name}: {results[-1].tok_s:.1f} tok/s", flush=True)
-        results.append(run_hf(args, prompts, 1, min(args.hf_serial_requests, args.requests)))
-        print(f"{results[-1].name}: {results[-1].tok_s:.1f} tok/s", flush=True)
+        if args.hf_serial_requests > 0:
+            serial = run_hf(args, prompts, 1, min(args.hf_serial_requests, args.requests))
+            results.append(serial)
+            print(f"{serial.name}: {serial.tok_s:.1f} tok/s", flush=True)
     ours = results[0].tok_s
     print(
         f"\n{'system':42s} {'reqs':>5s} {'tokens':>7s} {'s':>8s} {'tok/s':>8s} {'ours/x':>7s} {'other load':>10s}"
@@ -226,6 +255,22 @@ def main() -> None:
         agree[r.name] = {"identical": same, "compared": len(r.outputs), "mean_prefix": mean_prefix}
         print(
             f"  {r.name:40s} identical {same}/{len(r.outputs)}, mean common prefix {mean_prefix:.1f} tokens"
+        )
+    # how close each system came to this CPU's fp32 arithmetic rate, measured after the runs
+    flops = workload_flops(
+        ModelConfig.from_dir(default_model_dir()), args.requests, args.prompt_len, args.output_len
+    )
+    peak = fp32_peak_gflops()
+    floor_s = flops / (peak * 1e9)
+    print(
+        f"\narithmetic: {flops / 1e12:.2f} TFLOP per {args.requests} requests; fp32 matmul peak now "
+        f"{peak:.0f} GFLOP/s -> {floor_s:.1f} s at 100 % of peak, before any memory-bound work"
+    )
+    for r in results:
+        per_req_s = r.seconds / r.requests
+        print(
+            f"  {r.name:40s} {flops / args.requests / per_req_s / 1e9:6.1f} GFLOP/s "
+            f"({flops / args.requests / per_req_s / 1e9 / peak:5.1%} of peak)"
         )
     quiet = all(r.other_load_cores < 0.1 for r in results)
     print(
@@ -248,6 +293,8 @@ def main() -> None:
                         for r in results
                     ],
                     "agreement": agree,
+                    "workload_tflop": flops / 1e12,
+                    "fp32_peak_gflops": peak,
                     "quiet": quiet,
                     "args": vars(args),
                 },
