@@ -4,9 +4,12 @@
 - nurserve: every request submitted at once to the engine (continuous batching);
 - transformers: one request at a time, and static batches of 8 and 32.
 Prints tokens/s and the ratios; `--json` writes them. Check that nothing else runs on the machine:
-the script reports the CPU time other processes used during each phase.
+the script reports the CPU time other processes used during each phase. The machine's own speed
+drifts too (a VM: 15-30 % within minutes), so every phase is framed by a measured fp32 matmul rate,
+and `--repeats N` runs N rounds of (engine, static batches), each ratio taken within its round.
 
     python profiling/bench_offline.py [--requests 64] [--hf-serial-requests 64] [--data_type fp32]
+        [--repeats 3 --hf-batches 32]
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class Result:
     seconds: float
     other_load_cores: float
     outputs: list[list[int]] = field(default_factory=list, repr=False)  # generated ids per request
+    round: int = 0
+    speed_before_gflops: float = 0.0  # fp32 matmul rate measured right before the phase
+    speed_after_gflops: float = 0.0
 
     @property
     def tok_s(self) -> float:
@@ -218,6 +224,13 @@ def main() -> None:
     ap.add_argument("--batch-max-tokens", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="rounds of (engine, HF static batches); this VM's speed drifts by 15-30 %% within "
+        "minutes, so compare each round's runs, and look at the probes around each phase",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -228,49 +241,75 @@ def main() -> None:
 
     tok = Tokenizer.from_dir(default_model_dir())
     prompts = make_prompts(lambda s: tok.encode(s), args.requests, args.prompt_len)
-    results = [run_engine(args, prompts)]
-    print(f"{results[0].name}: {results[0].tok_s:.1f} tok/s", flush=True)
-    if not args.skip_hf:
-        for b in args.hf_batches:
-            results.append(run_hf(args, prompts, b, args.requests))
-            print(f"{results[-1].name}: {results[-1].tok_s:.1f} tok/s", flush=True)
-        if args.hf_serial_requests > 0:
-            serial = run_hf(args, prompts, 1, min(args.hf_serial_requests, args.requests))
-            results.append(serial)
-            print(f"{serial.name}: {serial.tok_s:.1f} tok/s", flush=True)
-    ours = results[0].tok_s
-    print(
-        f"\n{'system':42s} {'reqs':>5s} {'tokens':>7s} {'s':>8s} {'tok/s':>8s} {'ours/x':>7s} {'other load':>10s}"
-    )
-    for r in results:
-        print(
-            f"{r.name:42s} {r.requests:5d} {r.output_tokens:7d} {r.seconds:8.1f} {r.tok_s:8.1f} "
-            f"{ours / r.tok_s:7.2f} {r.other_load_cores:8.2f} c"
-        )
-    print("\ngreedy tokens, ours vs transformers (same prompts; fp32 sums in a different order can")
-    print("flip a near-tie, after which a sequence goes its own way):")
-    agree = {}
-    for r in results[1:]:
-        same, mean_prefix = agreement(results[0].outputs, r.outputs)
-        agree[r.name] = {"identical": same, "compared": len(r.outputs), "mean_prefix": mean_prefix}
-        print(
-            f"  {r.name:40s} identical {same}/{len(r.outputs)}, mean common prefix {mean_prefix:.1f} tokens"
-        )
-    # how close each system came to this CPU's fp32 arithmetic rate, measured after the runs
     flops = workload_flops(
         ModelConfig.from_dir(default_model_dir()), args.requests, args.prompt_len, args.output_len
     )
-    peak = fp32_peak_gflops()
-    floor_s = flops / (peak * 1e9)
+
+    results: list[Result] = []
+
+    def phase(run: Callable[[], Result], round_no: int) -> Result:
+        before = fp32_peak_gflops()  # the machine's speed right before the phase (it drifts)
+        r = run()
+        r.round, r.speed_before_gflops, r.speed_after_gflops = round_no, before, fp32_peak_gflops()
+        results.append(r)
+        print(f"round {round_no}: {r.name}: {r.tok_s:.1f} tok/s", flush=True)
+        return r
+
+    for rnd in range(args.repeats):
+        phase(lambda: run_engine(args, prompts), rnd)
+        if not args.skip_hf:
+            for b in args.hf_batches:
+                phase(lambda b=b: run_hf(args, prompts, b, args.requests), rnd)
+    if not args.skip_hf and args.hf_serial_requests > 0:
+        n_serial = min(args.hf_serial_requests, args.requests)
+        phase(lambda: run_hf(args, prompts, 1, n_serial), 0)
+
+    ours_by_round = {r.round: r for r in results if r.name.startswith("nurserve")}
     print(
-        f"\narithmetic: {flops / 1e12:.2f} TFLOP per {args.requests} requests; fp32 matmul peak now "
-        f"{peak:.0f} GFLOP/s -> {floor_s:.1f} s at 100 % of peak, before any memory-bound work"
+        f"\n{'round':>5s} {'system':40s} {'reqs':>5s} {'tokens':>7s} {'s':>7s} {'tok/s':>7s} "
+        f"{'ours/x':>7s} {'other load':>10s} {'CPU GFLOP/s before-after':>25s} {'share of it':>11s}"
     )
     for r in results:
-        per_req_s = r.seconds / r.requests
+        ours = ours_by_round[r.round].tok_s
+        speed = (r.speed_before_gflops + r.speed_after_gflops) / 2
+        share = flops / args.requests / (r.seconds / r.requests) / 1e9 / speed
         print(
-            f"  {r.name:40s} {flops / args.requests / per_req_s / 1e9:6.1f} GFLOP/s "
-            f"({flops / args.requests / per_req_s / 1e9 / peak:5.1%} of peak)"
+            f"{r.round:5d} {r.name:40s} {r.requests:5d} {r.output_tokens:7d} {r.seconds:7.1f} "
+            f"{r.tok_s:7.1f} {ours / r.tok_s:7.2f} {r.other_load_cores:8.2f} c "
+            f"{r.speed_before_gflops:12.0f} - {r.speed_after_gflops:<10.0f} {share:10.1%}"
+        )
+    ratios: dict[str, list[float]] = {}
+    for rnd, ours_r in ours_by_round.items():
+        hf = [r for r in results if r.round == rnd and r is not ours_r]
+        static = [r for r in hf if "static" in r.name]
+        if static:
+            best = max(static, key=lambda r: r.tok_s)
+            ratios.setdefault("best static batch", []).append(ours_r.tok_s / best.tok_s)
+        for r in hf:
+            ratios.setdefault(r.name, []).append(ours_r.tok_s / r.tok_s)
+    print("\nours / x, per round (each against the same round's engine run):")
+    for name, values in ratios.items():
+        med = sorted(values)[len(values) // 2]
+        print(f"  {name:40s} {' '.join(f'{v:.2f}x' for v in values)}   median {med:.2f}x")
+    print(
+        f"\nwork: {flops / 1e12:.2f} TFLOP per {args.requests} requests (projections, attention, LM "
+        "head); 'share of it': that work's rate over the fp32 matmul rate measured around the phase"
+    )
+
+    print("\ngreedy tokens, ours vs transformers (same prompts; fp32 sums in a different order can")
+    print("flip a near-tie, after which a sequence goes its own way):")
+    agree = {}
+    for r in results:
+        if r.name.startswith("nurserve"):
+            continue
+        same, mean_prefix = agreement(ours_by_round[r.round].outputs, r.outputs)
+        agree[f"{r.name} (round {r.round})"] = {
+            "identical": same,
+            "compared": len(r.outputs),
+            "mean_prefix": mean_prefix,
+        }
+        print(
+            f"  round {r.round} {r.name:32s} identical {same}/{len(r.outputs)}, mean common prefix {mean_prefix:.1f} tokens"
         )
     quiet = all(r.other_load_cores < 0.1 for r in results)
     print(
@@ -293,8 +332,8 @@ def main() -> None:
                         for r in results
                     ],
                     "agreement": agree,
+                    "ratios": ratios,
                     "workload_tflop": flops / 1e12,
-                    "fp32_peak_gflops": peak,
                     "quiet": quiet,
                     "args": vars(args),
                 },
