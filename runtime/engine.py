@@ -300,7 +300,7 @@ class AsyncEngine:
                 continue
             try:
                 send.send_nowait(ev)
-            except trio.BrokenResourceError:  # the client left mid-step; its abort is queued
+            except trio.BrokenResourceError:  # its receiver is closed: leaving `generate` aborts it
                 self._channels.pop(req.req_id, None)
                 continue
             if req.done:
