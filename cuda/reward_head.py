@@ -15,59 +15,26 @@ head weights are all taken in the dtype of the head's main weight (`weight` or `
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # the engine-facing helpers take the model duck-typed; no runtime import cycle
-    from runtime.kv_pool import KVPool
-    from runtime.model import CausalLM, ForwardBatch
-
 __all__ = [
     "DOT_KINDS",
     "KINDS",
     "cupy_available",
-    "head_tensors",
-    "model_hidden_rows",
     "reward_scores",
     "reward_scores_cupy",
     "reward_scores_torch",
-    "score_batch",
 ]
 
 DOT_KINDS = ("seq_cls", "internlm2_reward")
 KINDS = (*DOT_KINDS, "qwen2_reward")
 BLOCK = 256  # threads per block (a multiple of 32, at most 1024)
-# NURSERVE_REWARD_KERNEL=torch forces the twin even on CUDA (a kill switch for the kernel).
-_ENV = "NURSERVE_REWARD_KERNEL"
-
-
-def head_tensors(model: CausalLM, label: int = 0) -> dict[str, Tensor]:
-    """The model's score head as kernel inputs (views, no copies).
-
-    Dot kinds: {"weight": [H]} (row `label` of a multi-label classifier);
-    "qwen2_reward": {"w1": [H, H], "b1": [H], "w2": [H], "b2": [1]}.
-    """
-    kind, head = model.config.head_kind, model.score_head
-    if head is None or kind not in KINDS:
-        raise ValueError(f"not a reward model (head kind {kind!r})")
-    if kind in DOT_KINDS:
-        assert isinstance(head, torch.nn.Linear)
-        return {"weight": head.weight.detach()[label]}
-    assert isinstance(head, torch.nn.Sequential)
-    l1, l2 = head[0], head[2]
-    assert isinstance(l1, torch.nn.Linear) and isinstance(l2, torch.nn.Linear)
-    return {
-        "w1": l1.weight.detach(),
-        "b1": l1.bias.detach(),
-        "w2": l2.weight.detach().reshape(-1),
-        "b2": l2.bias.detach().reshape(-1),
-    }
 
 
 def _check(
@@ -326,40 +293,10 @@ def reward_scores(
     eps: float,
     head: Mapping[str, Tensor],
     kind: str,
+    use_kernel: bool = True,
 ) -> Tensor:
-    """`[B]` fp32 scores: the CuPy kernel for CUDA tensors when CuPy imports, else the torch twin."""
-    use_kernel = hidden_rows.is_cuda and os.environ.get(_ENV, "").lower() != "torch"
-    if use_kernel and cupy_available():
+    """`[B]` fp32 scores: the CuPy kernel for CUDA tensors when CuPy imports and `use_kernel`,
+    else the torch twin."""
+    if use_kernel and hidden_rows.is_cuda and cupy_available():
         return reward_scores_cupy(hidden_rows, last_index, norm_weight, eps, head, kind)
     return reward_scores_torch(hidden_rows, last_index, norm_weight, eps, head, kind)
-
-
-# ---- engine-facing helpers -----------------------------------------------------------------------
-@torch.inference_mode()
-def model_hidden_rows(model: CausalLM, batch: ForwardBatch, pool: KVPool) -> Tensor:
-    """Pre-final-norm hidden rows of every token of the batch: `[T, H]`.
-
-    Uses `model.hidden_rows` when the model has it; otherwise runs the decoder stack the way
-    `CausalLM.hidden` does, stopping before its gather + final norm.
-    """
-    own = getattr(model, "hidden_rows", None)
-    if own is not None:
-        return own(batch, pool)
-    from runtime.model import build_attn_meta
-
-    x = model.embed_tokens(batch.input_ids)  # [T, H]
-    cos, sin = model._rope(batch.positions)
-    meta = build_attn_meta(batch)
-    for i, layer in enumerate(model.layers):
-        x = layer(x, cos, sin, pool.k[i], pool.v[i], meta)
-    return x
-
-
-@torch.inference_mode()
-def score_batch(model: CausalLM, batch: ForwardBatch, pool: KVPool) -> Tensor:
-    """Reward scores `[B']` fp32 of the batch's `logits_index` rows (label 0 of a classifier)."""
-    rows = model_hidden_rows(model, batch, pool)  # [T, H]
-    cfg = model.config
-    return reward_scores(
-        rows, batch.logits_index, model.norm, cfg.rms_norm_eps, head_tensors(model), cfg.head_kind
-    )

@@ -28,7 +28,7 @@ import runtime  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 # isort: split
 import torch
 
-from runtime.config import ModelConfig
+from runtime.model.config import ModelConfig
 
 TEMPLATE = (
     "Request {n:04d}. The following is a report about the history of the city library. The "
@@ -92,10 +92,10 @@ def make_prompts(
 
 
 def run_engine(args: argparse.Namespace, prompts: list[list[int]]) -> Result:
-    from runtime.engine import EngineCore
-    from runtime.engine_args import EngineArgs
-    from runtime.model_runner import load_runner
-    from runtime.sampling_params import SamplingParams
+    from runtime.engine.args import EngineArgs
+    from runtime.engine.core import EngineCore
+    from runtime.engine.loader import load_runner
+    from runtime.sampling.params import SamplingParams
 
     eargs = EngineArgs(
         data_type=args.data_type,
@@ -133,7 +133,7 @@ def run_hf(
 ) -> Result:
     import transformers
 
-    from runtime.default_model import default_model_dir
+    from runtime.loading.default_model import default_model_dir
 
     dtype = torch.bfloat16 if args.data_type == "bf16" else torch.float32
     model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -236,8 +236,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from runtime.default_model import default_model_dir
-    from runtime.tokenizer import Tokenizer
+    from runtime.loading.default_model import default_model_dir
+    from runtime.text.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(default_model_dir())
     prompts = make_prompts(lambda s: tok.encode(s), args.requests, args.prompt_len)

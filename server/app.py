@@ -40,9 +40,9 @@ DeathHook = Callable[[BaseException], None]
 
 def build_engine(settings: Settings) -> EngineLike:
     """The real engine (imports torch lazily)."""
-    from runtime.engine import build_engine as _build
+    from runtime.engine.async_engine import AsyncEngine
 
-    engine: EngineLike = _build(settings.to_engine_args())
+    engine: EngineLike = AsyncEngine(settings.to_engine_args())
     return engine
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import trio
 from quart import Blueprint, Response, current_app
 
-from runtime.engine_api import EngineDead, ErrorEvent, QueueFull, ScoreEvent, TokenEvent
+from runtime.engine.api import EngineDead, ErrorEvent, QueueFull, ScoreEvent, TokenEvent
 
 from .errors import BUSY, SERVER, ApiError, json_response
 from .state import Live, ServerState, get_state

@@ -3,7 +3,7 @@
 Every option has a LightLLM-style flag (`--max_total_token_num`) and an environment variable
 (`NURSERVE_MAX_TOTAL_TOKEN_NUM`). `python -m server` reads both (flags win); the
 `hypercorn 'server.app:create_app()'` launch reads the environment only. Engine options left
-unset (None) take `runtime.engine_args.EngineArgs`'s default.
+unset (None) take `runtime.engine.args.EngineArgs`'s default.
 """
 
 from __future__ import annotations
@@ -15,157 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-ENV_PREFIX = "NURSERVE_"
+from .options import OPTIONS, Option
+
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
-
-
-@dataclass(frozen=True)
-class Option:
-    """One setting: its flag is `--{name}`, its environment variable `NURSERVE_{NAME}`."""
-
-    name: str
-    kind: str  # "str" | "int" | "float" | "bool" | "int_list"
-    help: str
-    engine: bool = False  # forwarded to EngineArgs
-    choices: tuple[str, ...] | None = None
-
-    @property
-    def env(self) -> str:
-        """The environment variable of this option."""
-        return ENV_PREFIX + self.name.upper()
-
-
-OPTIONS: tuple[Option, ...] = (
-    # --- model and engine (LightLLM flag names) ---
-    Option(
-        "model_dir",
-        "str",
-        "HF model folder (config.json + safetensors) or a .gguf file; "
-        "unset = the embedded default model (SmolLM2-135M)",
-        engine=True,
-    ),
-    Option("model_name", "str", "name answered by /get_model_name", engine=True),
-    Option(
-        "tokenizer_mode",
-        "str",
-        "tokenizer mode (LightLLM compatibility)",
-        engine=True,
-        choices=("fast", "slow", "auto"),
-    ),
-    Option(
-        "data_type",
-        "str",
-        "weight/activation dtype; unset = bf16 on a GPU, fp32 on the CPU; fp16 on a CPU keeps "
-        "fp16 weights with fp32 arithmetic (half the weight memory; 1.3-1.6x decode at 1-8 streams)",
-        engine=True,
-        choices=("fp32", "bf16", "fp16"),
-    ),
-    Option(
-        "max_total_token_num",
-        "int",
-        "KV-cache capacity in tokens; unset = profiled from free memory and --mem_fraction",
-        engine=True,
-    ),
-    Option(
-        "mem_fraction",
-        "float",
-        "fraction of device memory the process may use when profiling the KV capacity",
-        engine=True,
-    ),
-    Option("batch_max_tokens", "int", "most prompt tokens prefilled in one step", engine=True),
-    Option("running_max_req_size", "int", "most requests running at once", engine=True),
-    Option(
-        "max_req_total_len",
-        "int",
-        "limit on prompt + max_new_tokens of one request; longer requests get 400",
-        engine=True,
-    ),
-    Option(
-        "max_waiting_reqs",
-        "int",
-        "bounded waiting queue: requests beyond it get 503 + Retry-After",
-        engine=True,
-    ),
-    Option(
-        "eos_id",
-        "int_list",
-        "end-of-sequence token ids (flag: --eos_id 2 7; env: "
-        "comma-separated); unset = from the model config",
-        engine=True,
-    ),
-    Option("disable_cudagraph", "bool", "run decode eagerly (no CUDA graphs)", engine=True),
-    Option(
-        "graph_max_batch_size", "int", "largest decode batch captured in a CUDA graph", engine=True
-    ),
-    Option(
-        "graph_max_len_in_batch",
-        "int",
-        "longest sequence a captured graph serves; unset = max_req_total_len",
-        engine=True,
-    ),
-    Option(
-        "device", "str", "torch device (cuda, cuda:1, cpu); unset = cuda if available", engine=True
-    ),
-    Option("seed", "int", "seed of the engine's default random generator", engine=True),
-    Option(
-        "router_token_ratio",
-        "float",
-        "KV use above which the admission estimate turns conservative",
-        engine=True,
-    ),
-    Option(
-        "router_max_new_token_len",
-        "int",
-        "expected output length for the optimistic admission estimate",
-        engine=True,
-    ),
-    Option(
-        "cpu_kv_cache_bytes",
-        "int",
-        "KV-cache budget on the CPU when --max_total_token_num is unset",
-        engine=True,
-    ),
-    Option("num_threads", "int", "torch intra-op threads on the CPU", engine=True),
-    # --- HTTP server (ours) ---
-    Option("host", "str", "address to bind [launcher]"),
-    Option("port", "int", "port to bind [launcher]"),
-    Option(
-        "backlog",
-        "int",
-        "listen backlog; Hypercorn's default 100 drops connections in bursts [launcher]",
-    ),
-    Option("max_body_bytes", "int", "largest request body; larger bodies get 413"),
-    Option(
-        "shutdown_grace_s",
-        "float",
-        "on SIGTERM, how long in-flight requests may run before they are cut [launcher]",
-    ),
-    Option(
-        "stall_timeout_s",
-        "float",
-        "/health answers 503 when requests are in flight and none made progress for this long",
-    ),
-    Option(
-        "death_exit_delay_s",
-        "float",
-        "after the engine dies, how long the 503s may go "
-        "out before the process exits with status 3",
-    ),
-    Option(
-        "keep_alive_s",
-        "float",
-        "idle keep-alive timeout of client connections [launcher]",
-    ),
-    Option(
-        "startup_timeout_s",
-        "float",
-        "how long model loading may take before Hypercorn gives up [launcher]",
-    ),
-    Option("log_level", "str", "log level", choices=("debug", "info", "warning", "error")),
-    Option("access_log", "bool", "log every request (costs CPU under load) [launcher]"),
-)
-OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 
 
 @dataclass
@@ -192,6 +45,13 @@ class Settings:
     router_max_new_token_len: int | None = None
     cpu_kv_cache_bytes: int | None = None
     num_threads: int | None = None
+    cpu_linear: str | None = None
+    cpu_attention: str | None = None
+    cpu_kernels: str | None = None
+    gpu_attention: str | None = None
+    reward_kernel: str | None = None
+    no_warmup: bool | None = None
+    fault_inject_step: int | None = None
     host: str = "127.0.0.1"
     port: int = 8080
     backlog: int = 2048
@@ -269,8 +129,8 @@ class Settings:
         return out
 
     def to_engine_args(self) -> Any:
-        """Build `runtime.engine_args.EngineArgs`; options it does not know are left out."""
-        from runtime.engine_args import EngineArgs
+        """Build `runtime.engine.args.EngineArgs`; options it does not know are left out."""
+        from runtime.engine.args import EngineArgs
 
         known = {f.name for f in dataclasses.fields(EngineArgs)}
         kwargs = {k: v for k, v in self.engine_kwargs().items() if k in known}
@@ -302,7 +162,7 @@ def _parse_env(opt: Option, raw: str) -> Any:
 def _engine_default(name: str) -> str:
     """EngineArgs' default for `name`, for --help (empty when unknown)."""
     try:
-        from runtime.engine_args import EngineArgs
+        from runtime.engine.args import EngineArgs
     except ImportError:
         return ""
     for f in dataclasses.fields(EngineArgs):

@@ -10,19 +10,19 @@ from typing import Any, Protocol, cast
 import trio
 from quart import current_app
 
-from runtime.engine_api import LoadFigures, ModelInfo, ScoreEvent
+from runtime.engine.api import LoadFigures, ModelInfo, ScoreEvent
 
 from .settings import Settings
 
 
 class TokenizerLike(Protocol):
-    """What the server uses of `runtime.tokenizer.Tokenizer`."""
+    """What the server uses of `runtime.text.tokenizer.Tokenizer`."""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
 
 
 class EngineLike(Protocol):
-    """What the server uses of `runtime.engine.AsyncEngine` (DESIGN.md, "Engine <-> server")."""
+    """What the server uses of `runtime.engine.core.AsyncEngine` (DESIGN.md, "Engine <-> server")."""
 
     info: ModelInfo | None  # set once `run` loaded the model
     tokenizer: Any

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from runtime.engine_api import EngineDead, ErrorEvent, TokenEvent
+from runtime.engine.api import EngineDead, ErrorEvent, TokenEvent
 
 from .errors import SERVER, dumps
 from .state import ServerState

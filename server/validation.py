@@ -12,8 +12,8 @@ from typing import Any, NoReturn
 
 from quart import request
 
-from runtime.engine_api import ModelInfo
-from runtime.sampling_params import ParamError, SamplingParams, parse_sampling_params
+from runtime.engine.api import ModelInfo
+from runtime.sampling.params import ParamError, SamplingParams, parse_sampling_params
 
 from .errors import ApiError
 from .state import Live

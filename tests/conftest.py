@@ -13,14 +13,14 @@ from tests.server_helpers import MAX_LEN, Factory
 if TYPE_CHECKING:
     from quart_trio import QuartTrio
 
-    from runtime.model_runner import ModelRunner
-    from runtime.tokenizer import Tokenizer
+    from runtime.model.runner import ModelRunner
+    from runtime.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The default model's HF folder (SmolLM2-135M-Instruct Q4_1), converted once and cached."""
-    from runtime.default_model import default_model_dir as _default_model_dir
+    from runtime.loading.default_model import default_model_dir as _default_model_dir
 
     return _default_model_dir()
 
@@ -28,8 +28,8 @@ def default_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def runner_and_tokenizer(default_model_dir: object) -> tuple[ModelRunner, Tokenizer]:
     """The default model, loaded once (for the in-process app tests)."""
-    from runtime.engine_args import EngineArgs
-    from runtime.model_runner import load_runner
+    from runtime.engine.args import EngineArgs
+    from runtime.engine.loader import load_runner
 
     return load_runner(EngineArgs(max_total_token_num=4096, max_req_total_len=MAX_LEN))
 
@@ -37,7 +37,8 @@ def runner_and_tokenizer(default_model_dir: object) -> tuple[ModelRunner, Tokeni
 @pytest.fixture
 def make_app(runner_and_tokenizer: tuple[ModelRunner, Tokenizer]) -> Factory:
     """Build an app on a fresh engine around the shared weights."""
-    from runtime.engine import AsyncEngine, EngineCore
+    from runtime.engine.async_engine import AsyncEngine
+    from runtime.engine.core import EngineCore
     from server.app import create_app
     from server.settings import Settings
 

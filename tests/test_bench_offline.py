@@ -14,7 +14,7 @@ if str(ROOT / "profiling") not in sys.path:
 
 import bench_offline as bo  # noqa: E402
 
-from runtime.config import ModelConfig  # noqa: E402
+from runtime.model.config import ModelConfig  # noqa: E402
 
 
 def test_workload_flops_matches_a_hand_count(default_model_dir: Path) -> None:

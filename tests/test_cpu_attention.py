@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime import cpu_attention
-from runtime.model import AttnGroup, _attend, _decode_group
-
-pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="needs Numba")
+from runtime.kernels.cpu import attention as cpu_attention
+from runtime.model.attention import decode_group, sdpa_attend
 
 
 @pytest.fixture(params=["serial", "parallel"], autouse=True)
@@ -32,8 +30,7 @@ def test_kernel_matches_torch_path(nh: int, nkv: int, hd: int) -> None:
     table[0, 1:] = slots  # a padding row: one live slot, the rest pad
     q = torch.randn(b, nh, hd, generator=gen)  # [B, nh, hd]
     got = cpu_attention.paged_decode_attention(q, k, v, table, seq_lens)
-    grp = _decode_group(table, seq_lens)
-    want = _attend(q, k, v, AttnGroup(grp.block_table, grp.mask, None, 1, None))  # torch path
+    want = sdpa_attend(q, k, v, decode_group(table, seq_lens))  # the torch path
     assert got.shape == (b, nh * hd)
     assert (got - want).abs().max().item() <= 1e-5
 

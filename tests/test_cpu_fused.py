@@ -7,12 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runtime import cpu_fused
-from runtime.model import apply_rope
-
-pytestmark = pytest.mark.skipif(
-    not cpu_fused.usable(torch.zeros(1)), reason="needs Numba (and NURSERVE_CPU_KERNELS unset)"
-)
+from runtime.kernels.cpu import fused as cpu_fused
+from runtime.model.backends import apply_rope
 
 
 @pytest.fixture(params=["serial", "parallel"], autouse=True)
@@ -35,7 +31,7 @@ def test_rms_norm_matches_torch(t: int, h: int) -> None:
 
 
 def test_exp_poly_accuracy() -> None:
-    from runtime import cpu_kernels_numba
+    from runtime.kernels.cpu import numba_kernels as cpu_kernels_numba
 
     x = np.linspace(-87.0, 87.0, 200_001, dtype=np.float32)  # the fp32 normal range of exp(-x)
     out = np.empty_like(x)

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime import cpu_linear
-from runtime.batch import SeqChunk, make_forward_batch
-from runtime.kv_pool import KVPool
-from runtime.model import CausalLM
-from runtime.tokenizer import Tokenizer
-from runtime.weights import load_model
+from runtime.loading.hf_folder import load_model
+from runtime.model.backends import assemble
+from runtime.model.batch import SeqChunk, make_forward_batch
+from runtime.model.kv_pool import KVPool
+from runtime.model.llama import CausalLM
+from runtime.text.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ours(default_model_dir: Path) -> CausalLM:
     model = load_model(default_model_dir)
-    cpu_linear.pack_model(model)  # as the engine runs it on the CPU (a no-op without oneDNN)
+    assemble(model)  # as the engine runs it on the CPU: Numba kernels, packed projections
     return model
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.detokenizer import IncrementalDetokenizer, StopMatcher
-from runtime.tokenizer import Tokenizer
+from runtime.text.detokenizer import IncrementalDetokenizer, StopMatcher
+from runtime.text.tokenizer import Tokenizer
 
 MULTIBYTE = [
     "你好，世界！今天天气很好。",

@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import pytest
 import trio
 
-from runtime.engine import AsyncEngine, EngineCore, Request
-from runtime.engine_api import ScoreEvent, TokenEvent
-from runtime.engine_args import EngineArgs
-from runtime.model_runner import load_runner
-from runtime.sampling_params import SamplingParams, parse_sampling_params
+from runtime.engine.api import ScoreEvent, TokenEvent
+from runtime.engine.args import EngineArgs
+from runtime.engine.async_engine import AsyncEngine
+from runtime.engine.core import EngineCore, Request
+from runtime.engine.loader import load_runner
+from runtime.sampling.params import SamplingParams, parse_sampling_params
 
 pytestmark = pytest.mark.slow
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime.engine import EngineCore, Request
-from runtime.engine_api import ScoreEvent
-from runtime.engine_args import EngineArgs
-from runtime.model_runner import load_runner
-from runtime.sampling_params import SamplingParams
+from runtime.engine.api import ScoreEvent
+from runtime.engine.args import EngineArgs
+from runtime.engine.core import EngineCore, Request
+from runtime.engine.loader import load_runner
+from runtime.sampling.params import SamplingParams
 from tests.test_reward_models import make_tiny_reward_checkpoint
 
 SEED_CHAT = (

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.gguf_loader import load_gguf
-from runtime.tokenizer import Tokenizer
+from runtime.loading.gguf_file import load_gguf
+from runtime.text.tokenizer import Tokenizer
 
 HIDDEN, N_HEAD, N_KV, HEAD_DIM, FFN, LAYERS = 64, 4, 2, 16, 96, 2
 THETA = 500000.0
@@ -298,8 +298,8 @@ def test_default_model_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     """One conversion for concurrent callers; temp dir + rename; stale folders rebuilt."""
     import threading
 
-    from runtime import default_model as dm
-    from runtime import gguf_loader
+    from runtime.loading import default_model as dm
+    from runtime.loading import gguf_file as gguf_loader
 
     src = tmp_path / "src.gguf"
     write_gguf(src, hf_state_dict(tied=True))

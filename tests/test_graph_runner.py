@@ -8,12 +8,14 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from runtime import triton_attention as ta
-from runtime.batch import SeqChunk, make_forward_batch
-from runtime.config import ModelConfig
-from runtime.graph_runner import GraphRunner, capture_buckets, length_buckets, pick_bucket
-from runtime.kv_pool import KVPool
-from runtime.model import CausalLM, ForwardBatch, build_attn_meta, paged_attention
+from runtime.kernels.triton import decode_attention as ta
+from runtime.model.attention import build_attn_meta, paged_attention
+from runtime.model.backends import Backends
+from runtime.model.batch import ForwardBatch, SeqChunk, make_forward_batch
+from runtime.model.config import ModelConfig
+from runtime.model.graphs import GraphRunner, capture_buckets, length_buckets, pick_bucket
+from runtime.model.kv_pool import KVPool
+from runtime.model.llama import CausalLM
 
 TINY = {
     "architectures": ["LlamaForCausalLM"],
@@ -294,8 +296,8 @@ def test_triton_in_model_matches_torch(triton_device: str) -> None:
     prefill(model, pool, [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]], device)
     batch = decode_batch([13, 14, 15], [4, 2, 6], pool, device)
     want = model.hidden(batch, clone_pool(pool))
-    with ta.use_in_model():
-        got = model.hidden(batch, clone_pool(pool))
+    model.use_backends(Backends("triton", decode_attention=ta.decode_attention))
+    got = model.hidden(batch, clone_pool(pool))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 

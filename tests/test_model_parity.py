@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from runtime import cpu_linear
-from runtime.batch import SeqChunk, make_forward_batch
-from runtime.config import CheckpointError
-from runtime.kv_pool import KVPool
-from runtime.model import CausalLM
-from runtime.weights import load_model
+from runtime.kernels.cpu import linear as cpu_linear
+from runtime.loading.hf_folder import load_model
+from runtime.model.backends import TORCH, BackendSettings, assemble
+from runtime.model.batch import SeqChunk, make_forward_batch
+from runtime.model.config import CheckpointError
+from runtime.model.kv_pool import KVPool
+from runtime.model.llama import CausalLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -86,11 +87,12 @@ SEQS = [[5, 17, 88, 3, 250, 9, 41, 77, 13, 2, 61], [100, 7, 7, 300, 19]]
 def test_logits_match_transformers(tmp_path: Path, arch: str, weights: str) -> None:
     folder, ref = make_hf_checkpoint(tmp_path, arch)
     ours = load_model(folder)
-    if weights != "aten":  # what the engine runs on the CPU: packed projections and head
-        ready = cpu_linear.available() if weights == "fp32" else cpu_linear.fp16_weights_available()
-        if not ready:
-            pytest.skip(f"{weights} weight packing unavailable")
-        assert cpu_linear.pack_model(ours, weights) == 4 * TINY["num_hidden_layers"] + 1
+    if weights == "aten":  # the torch path throughout: F.linear, torch ops, gather + SDPA
+        torch_only = BackendSettings(cpu_linear="aten", cpu_attention="torch", cpu_kernels="torch")
+        assert assemble(ours, torch_only) == (TORCH, 0)
+    else:  # what the engine runs on the CPU: Numba kernels, packed projections and head
+        _, packed = assemble(ours, BackendSettings(), weights)
+        assert packed == 4 * TINY["num_hidden_layers"] + 1
     got = run_ours(ours, SEQS)
     for s, g in zip(SEQS, got, strict=True):
         with torch.no_grad():
@@ -255,8 +257,8 @@ def test_cpu_fp16_data_type_runs_fp16_weights_with_fp32_activations(
     default_model_dir: Path,
 ) -> None:
     """`--data_type fp16` on the CPU: fbgemm fp16 weights, fp32 activations and KV pool."""
-    from runtime.engine_args import EngineArgs
-    from runtime.model_runner import load_runner
+    from runtime.engine.args import EngineArgs
+    from runtime.engine.loader import load_runner
 
     if not cpu_linear.fp16_weights_available():
         pytest.skip("fbgemm fp16 weights unavailable")

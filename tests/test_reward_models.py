@@ -17,10 +17,11 @@ from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from cuda import reward_head
-from runtime.batch import SeqChunk, make_forward_batch
-from runtime.kv_pool import KVPool
-from runtime.model import CausalLM, ForwardBatch
-from runtime.weights import load_model
+from runtime.loading.hf_folder import load_model
+from runtime.model import reward
+from runtime.model.batch import ForwardBatch, SeqChunk, make_forward_batch
+from runtime.model.kv_pool import KVPool
+from runtime.model.llama import CausalLM
 
 # kind -> (architecture, layout); layout "hf" = Llama names, "internlm2" = packed wqkv
 REWARD_KINDS: dict[str, tuple[str, str]] = {
@@ -54,7 +55,7 @@ def _write_tokenizer(folder: Path) -> tuple[int, int | None, int | None]:
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    from runtime import default_model
+    from runtime.loading import default_model
 
     src = default_model.cache_root() / default_model.FOLDER_NAME
     if (src / ".complete").is_file() and (src / "tokenizer.json").is_file():
@@ -273,7 +274,7 @@ def test_seq_cls_matches_transformers(tmp_path: Path, arch: str, labels: int) ->
     batch, pool = _batch(model, SEQS)
     got = model.score(batch, pool)  # [B, labels]
     assert got.shape == (2, labels)
-    kernel_path = reward_head.score_batch(model, batch, pool)  # [B] label 0
+    kernel_path = reward.score_batch(model, batch, pool)  # [B] label 0
     for i, s in enumerate(SEQS):  # one at a time: no padding in the HF call
         with torch.no_grad():
             want = ref(torch.tensor([s])).logits[0].float()  # [labels]
@@ -290,7 +291,7 @@ def test_internlm2_reward_matches_numpy(tmp_path: Path) -> None:
     model = load_model(folder)
     seqs = [[5, 17, 88, 3, 250, 9, 41], [100, 7, 7, 200]]
     batch, pool = _batch(model, seqs)
-    got, kernel_path = model.score(batch, pool)[:, 0], reward_head.score_batch(model, batch, pool)
+    got, kernel_path = model.score(batch, pool)[:, 0], reward.score_batch(model, batch, pool)
     for i, s in enumerate(seqs):
         want = numpy_head(sd, numpy_last_hidden(sd, cfg, s, "internlm2"))
         assert abs(got[i].item() - want) <= 1e-4
@@ -314,7 +315,7 @@ def test_qwen2_reward_matches_numpy(tmp_path: Path) -> None:
     save_file(sd, str(folder / "model.safetensors"))
     model = load_model(folder)
     batch, pool = _batch(model, SEQS)
-    got, kernel_path = model.score(batch, pool)[:, 0], reward_head.score_batch(model, batch, pool)
+    got, kernel_path = model.score(batch, pool)[:, 0], reward.score_batch(model, batch, pool)
     np_sd = {k: v.numpy() for k, v in sd.items()}
     for i, s in enumerate(SEQS):
         want = numpy_head(np_sd, numpy_last_hidden(np_sd, cfg, s, "hf"))
@@ -330,8 +331,8 @@ def test_twin_matches_model_head(tmp_path: Path, kind: str) -> None:
         model = load_model(folder, dtype=dtype)
         batch, pool = _batch(model, seqs)
         want = model.score_from_hidden(model.hidden(batch, pool))[:, 0]  # [B]
-        rows = reward_head.model_hidden_rows(model, batch, pool)  # [T, H]
-        head = reward_head.head_tensors(model)
+        rows = model.hidden_rows(batch, pool)  # [T, H]
+        head = reward.head_tensors(model)
         got = reward_head.reward_scores_torch(
             rows,
             batch.logits_index,
@@ -342,7 +343,7 @@ def test_twin_matches_model_head(tmp_path: Path, kind: str) -> None:
         )
         assert got.dtype == torch.float32 and got.shape == (3,)
         assert ((got - want).abs() <= tol * (1 + want.abs())).all(), (kind, dtype, got, want)
-        assert torch.equal(reward_head.score_batch(model, batch, pool), got)  # CPU: the twin
+        assert torch.equal(reward.score_batch(model, batch, pool), got)  # CPU: the twin
 
 
 # ---- the twin on random data -------------------------------------------------------------------
@@ -427,7 +428,7 @@ def test_bad_inputs_raise() -> None:
 
 @pytest.mark.parametrize("kind", sorted(REWARD_KINDS))
 def test_tiny_checkpoint_serves(tmp_path: Path, kind: str) -> None:
-    from runtime.tokenizer import Tokenizer
+    from runtime.text.tokenizer import Tokenizer
 
     folder = make_tiny_reward_checkpoint(tmp_path, kind)
     tok = Tokenizer.from_dir(folder)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cuda import penalties
-from runtime.sampler import (
+from runtime.sampling.params import SamplingParams
+from runtime.sampling.sampler import (
     PenaltyCounts,
     RowState,
     Sampler,
@@ -21,7 +22,6 @@ from runtime.sampler import (
     sample_inverse_cdf,
     topk_topp_mask,
 )
-from runtime.sampling_params import SamplingParams
 
 V = 1000
 EOS = [2, 7]
@@ -296,7 +296,7 @@ def test_candidate_draw_equals_whole_vocabulary_draw() -> None:
     """The top-`mask_candidates` fast path draws exactly what the full-sort path draws."""
     import dataclasses
 
-    from runtime.sampling_params import parse_sampling_params
+    from runtime.sampling.params import parse_sampling_params
 
     gen = torch.Generator().manual_seed(5)
     vocab = 3000
@@ -313,7 +313,7 @@ def test_candidate_draw_equals_whole_vocabulary_draw() -> None:
         rows.append(RowState.start(params, [], 0))
     batch = build_sampling_batch(rows, [2], vocab, "cpu")
     assert 0 < batch.mask_candidates < vocab
-    from runtime.sampler import _draw_from_candidates
+    from runtime.sampling.sampler import _draw_from_candidates
 
     xt = logits / batch.temperature[:, None]
     lse = torch.logsumexp(xt, -1)

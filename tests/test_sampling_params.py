@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from runtime.sampling_params import (
+from runtime.sampling.params import (
     IGNORED_PARAMS,
     ParamError,
     SamplingParams,

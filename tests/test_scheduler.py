@@ -6,7 +6,7 @@ import random
 import subprocess
 import sys
 
-from runtime.scheduler import Scheduler, SchedulerConfig, Seq, SeqStatus
+from runtime.engine.scheduler import Scheduler, SchedulerConfig, Seq, SeqStatus
 
 
 def make(
@@ -30,7 +30,9 @@ def run_step(s: Scheduler, next_token: int = 7) -> list[Seq]:
 
 
 def test_scheduler_imports_no_torch() -> None:
-    code = "import sys, runtime.scheduler; assert 'torch' not in sys.modules, 'torch imported'"
+    code = (
+        "import sys, runtime.engine.scheduler; assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from runtime.tokenizer import Tokenizer
+from runtime.text.tokenizer import Tokenizer
 from tests.server_helpers import ServerProcess, start_server
 from tests.test_reward_models import make_tiny_reward_checkpoint, tiny_reward_score
 

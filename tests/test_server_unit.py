@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import trio
 
-from runtime.engine_args import EngineArgs
-from runtime.sampling_params import parse_sampling_params
+from runtime.engine.args import EngineArgs
+from runtime.sampling.params import parse_sampling_params
 from server.app import get_app_state
 from server.settings import OPTIONS, Settings, markdown_table, parse_args
 from server.stream import start_stream, stream_response_body

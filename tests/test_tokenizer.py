@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from runtime.default_model import default_model_dir as get_default_model_dir
-from runtime.tokenizer import Tokenizer, render_chat_template
+from runtime.loading.default_model import default_model_dir as get_default_model_dir
+from runtime.text.tokenizer import Tokenizer, render_chat_template
 
 TEXTS = [
     "Hello, world! How are you today?",

@@ -1,13 +1,10 @@
-"""Preallocated token-slot KV pool and its slot allocator."""
+"""Preallocated token-slot KV pool (the scheduler's `SlotAllocator` hands out its slots)."""
 
 from __future__ import annotations
 
 import torch
 
-from runtime.config import ModelConfig
-from runtime.slots import OutOfSlots, SlotAllocator
-
-__all__ = ["KVPool", "OutOfSlots", "SlotAllocator"]
+from runtime.model.config import ModelConfig
 
 
 class KVPool:
@@ -29,7 +26,6 @@ class KVPool:
         shape = (config.num_layers, capacity_tokens + 1, config.num_kv_heads, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # [layers, slots+1, n_kv, hd]
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # [layers, slots+1, n_kv, hd]
-        self.allocator = SlotAllocator(capacity_tokens)
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:

@@ -14,8 +14,8 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from runtime.engine_api import LoadFigures
-from runtime.slots import SlotAllocator
+from runtime.engine.api import LoadFigures
+from runtime.engine.slots import SlotAllocator
 
 
 class SeqStatus(enum.Enum):

@@ -1,4 +1,4 @@
-"""The contract between the engine (runtime/engine.py) and the HTTP layer (server/).
+"""The contract between the engine (runtime/engine/core.py) and the HTTP layer (server/).
 
 Plain dataclasses only: no torch, no trio, so both sides and their tests can import it cheaply.
 """

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from runtime.progress import progress as progress_bar
 
 __all__ = ["GGUFCheckpoint", "load_gguf", "read_gguf_metadata", "unpermute_qk"]
 
@@ -346,14 +346,6 @@ def _hf_name(name: str, path: Path) -> str:
     raise ValueError(f"{path}: unsupported tensor {name!r} for architecture 'llama'")
 
 
-def _progress(items: list[Any], enabled: bool) -> Iterable[Any]:
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc="GGUF -> fp32", unit="tensor", file=sys.stderr)
-
-
 def load_gguf(path: str | Path, *, progress: bool = False) -> GGUFCheckpoint:
     """Read one GGUF file into an HF-format checkpoint (fp32 weights, HF tensor names).
 
@@ -372,7 +364,7 @@ def load_gguf(path: str | Path, *, progress: bool = False) -> GGUFCheckpoint:
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     rope_freqs = None
     state: dict[str, torch.Tensor] = {}
-    for t in _progress(list(reader.tensors), progress):
+    for t in progress_bar(list(reader.tensors), "GGUF -> fp32", "tensor", progress):
         try:
             arr = dequantize(t.data, t.tensor_type)
         except Exception as e:

@@ -1,37 +1,28 @@
 """Fused elementwise kernels for the CPU (Numba): RMSNorm, rotary + K/V store, SiLU * up.
 
-On the CPU every torch op is a pass over memory plus a dispatch, and RMSNorm alone is six ops. These
-kernels do each step in one pass: per layer at 64 rows, 467 -> 168 us measured here (RMSNorm twice,
-rope + K/V store, SiLU * up); at 512 rows 1.29 -> 0.43 ms. Results equal the torch path up to fp32
-rounding (tests compare them).
-Set `NURSERVE_CPU_KERNELS=torch` to turn them off.
+On the CPU every torch op is a pass over memory plus a dispatch, and RMSNorm alone is six ops;
+these kernels do each step in one pass (figures in profiling/README.md). fp32 tensors only;
+results equal the torch path up to fp32 rounding (tests compare them). `--cpu_kernels torch`
+assembles models without them (`runtime.model.backends`).
 """
 
 from __future__ import annotations
 
-import functools
-import os
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from runtime import cpu_attention
+from runtime.kernels.cpu import attention as cpu_attention
 
 # A parallel Numba call costs 50-100 us of thread wake-up here; below this many elements one
 # thread is faster (a batch-64 decode step's rows take 10-40 us in one thread)
 PARALLEL_MIN_ELEMS = 1 << 17
 
 
-@functools.cache
-def _enabled() -> bool:
-    """Numba is there (the kernels load through `cpu_attention.driver`) and no one turned them off."""
-    return os.environ.get("NURSERVE_CPU_KERNELS", "numba") == "numba" and cpu_attention.available()
-
-
-def usable(x: Tensor) -> bool:
-    """True when `x` is an fp32 CPU tensor and the kernels are available."""
-    return x.dtype == torch.float32 and x.device.type == "cpu" and _enabled()
+NormFn = Callable[[Tensor, Tensor, float], Tensor]  # (x [T, H], weight [H], eps) -> [T, H]
+ActFn = Callable[[Tensor], Tensor]  # gate_up [T, 2I] -> [T, I]
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

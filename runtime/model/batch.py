@@ -1,4 +1,5 @@
-"""Turn per-sequence views (new tokens, positions, KV slots) into one `ForwardBatch`."""
+"""The forward batch: one flat batch of new tokens (prefill chunks and decode tokens alike), and
+its builder from per-sequence views (new tokens, positions, KV slots)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
-from runtime.model import ForwardBatch
+
+@dataclass
+class ForwardBatch:
+    """One forward over a flat batch of new tokens (prefill chunks and decode tokens alike)."""
+
+    input_ids: Tensor  # [T] int64, new tokens of all sequences, sequence-major
+    positions: Tensor  # [T] int64, absolute position of each token
+    out_slots: Tensor  # [T] int64, KV slot each new token's K/V is written to
+    block_table: Tensor  # [B, L] int64, KV slots of each sequence's tokens (pad = pool.pad_slot)
+    seq_lens: Tensor  # [B] int64, tokens per sequence after this step (cached + new)
+    query_lens: list[int]  # new tokens per sequence (host ints, sum = T)
+    logits_index: Tensor  # [B] int64, the row of T whose output is wanted (the last new token)
+
+    @property
+    def is_decode(self) -> bool:
+        return max(self.query_lens, default=1) == 1
 
 
 @dataclass
@@ -16,9 +33,7 @@ class SeqChunk:
 
     new_ids: Sequence[int]
     start_pos: int  # tokens already in the KV pool for this sequence
-    slots: Sequence[
-        int
-    ]  # KV slots of all its tokens, cached and new (len >= start_pos + len(new_ids))
+    slots: Sequence[int]  # KV slots of all its tokens, cached and new (>= start_pos + new)
     want_logits: bool = True  # False for a prefill chunk that is not the prompt's last
 
 

@@ -1,5 +1,5 @@
-"""The CPU's Numba kernels: paged decode attention (`runtime.cpu_attention`) and the one-pass
-elementwise kernels (`runtime.cpu_fused`). Import through those modules, which pick Numba's
+"""The CPU's Numba kernels: paged decode attention (`runtime.kernels.cpu.attention`) and the one-pass
+elementwise kernels (`runtime.kernels.cpu.fused`). Import through those modules, which pick Numba's
 threading layer first.
 
 All in one module, at module level: Numba's on-disk cache works only for module-level functions

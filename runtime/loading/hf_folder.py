@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from runtime.config import CheckpointError, ModelConfig
-from runtime.model import CausalLM, rope_inv_freq
+from runtime.model.config import CheckpointError, ModelConfig
+from runtime.model.llama import CausalLM, rope_inv_freq
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,

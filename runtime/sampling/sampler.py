@@ -1,4 +1,4 @@
-"""Batched logit pipeline (spec §4): penalties -> EOS shaping -> temperature -> top-k/top-p -> sample.
+"""Batched logit pipeline: penalties -> EOS shaping -> temperature -> top-k/top-p -> sample.
 
 Every row's random draw comes from a counter-based generator keyed by (seed, step): one
 uniform per row from an integer hash, then inverse-CDF sampling over the row's masked
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from cuda import penalties, penalties_numba
-from runtime.sampling_params import MAX_SEED, SamplingParams
+from runtime.sampling.params import MAX_SEED, SamplingParams
 
 PenaltyBackend = Literal["auto", "torch", "numba"]
 _M32 = 0xFFFFFFFF
@@ -71,11 +71,17 @@ class RowState:
 
     @classmethod
     def start(
-        cls, params: SamplingParams, prompt_ids: Sequence[int], seq_index: int = 0
+        cls,
+        params: SamplingParams,
+        prompt_ids: Sequence[int],
+        seq_index: int = 0,
+        default_seed: int | None = None,
     ) -> RowState:
-        """The state of a new sequence (counts seeded with the prompt when input_penalty)."""
+        """The state of a new sequence (counts seeded with the prompt when input_penalty);
+        an unseeded request draws from `default_seed` (the engine's generator), else at random."""
         counts = PenaltyCounts(prompt_ids if params.input_penalty else ())
-        return cls(params, counts, 0, derive_seed(params.seed, seq_index))
+        seed = params.seed if params.seed is not None else default_seed
+        return cls(params, counts, 0, derive_seed(seed, seq_index))
 
     def record(self, token_id: int) -> None:
         """Account for one generated token."""
@@ -217,26 +223,13 @@ def row_uniforms(seeds: Tensor, steps: Tensor) -> Tensor:
 CANDIDATES = 1024  # top-p over the whole vocabulary first tries the 1024 most likely tokens
 
 
-def topk_topp_mask(probs: Tensor, top_k: Tensor, top_p: Tensor, candidates: int = 0) -> Tensor:
+def topk_topp_mask(probs: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     """Tokens kept by top-k/top-p, in vocabulary order. [B, V] -> [B, V] bool.
 
     Sorted descending (stably), a token is dropped when its rank >= top_k or when the
     *exclusive* cumulative probability before it is > top_p (the token crossing top_p is kept);
-    top_p >= 1 keeps every token. With `candidates` > 0 only the best `candidates` tokens are
-    sorted (`topk`), which decides every row whose top_k fits or whose candidates' mass already
-    exceeds top_p; otherwise (one host check) the full sort runs.
+    top_p >= 1 keeps every token.
     """
-    n_vocab = probs.shape[-1]
-    if 0 < candidates < n_vocab:
-        vals, idx = probs.topk(candidates, dim=-1)  # [B, C] descending
-        decided = (top_k <= candidates) | ((top_p < 1.0) & (vals.sum(-1) > top_p))  # [B]
-        if bool(decided.all()):
-            exclusive = vals.cumsum(dim=-1) - vals  # [B, C]
-            ranks = torch.arange(candidates, device=probs.device)  # [C]
-            keep = (ranks[None, :] < top_k[:, None]) & (
-                (exclusive <= top_p[:, None]) | (top_p[:, None] >= 1.0)
-            )  # [B, C]
-            return torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, keep)  # [B, V]
     sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # [B, V]
     exclusive = sorted_p.cumsum(dim=-1) - sorted_p  # [B, V]
     ranks = torch.arange(probs.shape[-1], device=probs.device)  # [V]

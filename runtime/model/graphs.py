@@ -15,13 +15,15 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from runtime.kv_pool import KVPool
-from runtime.model import CausalLM, ForwardBatch
+from runtime.model.batch import ForwardBatch
+from runtime.model.kv_pool import KVPool
+from runtime.model.llama import CausalLM
+from runtime.progress import progress
 
 log = logging.getLogger("nurserve.graphs")
 
@@ -59,18 +61,6 @@ def pick_bucket(buckets: Sequence[int], n: int) -> int | None:
     """Smallest bucket >= n (bisect over sorted `buckets`), or None if n exceeds the largest."""
     i = bisect_left(buckets, n)
     return buckets[i] if i < len(buckets) else None
-
-
-def _progress(items: list[Key], enabled: bool) -> Iterable[Key]:
-    """tqdm over `items` when tqdm is installed and wanted; plain iteration otherwise."""
-    if enabled:
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            pass
-        else:
-            return tqdm(items, desc="capturing CUDA graphs", unit="graph")
-    return items
 
 
 class GraphRunner:
@@ -161,7 +151,7 @@ class GraphRunner:
         mempool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         keys = self.keys()
-        for key in _progress(keys, self.progress):
+        for key in progress(keys, "capturing CUDA graphs", "graph", self.progress):
             batch = self.static_batch(*key)  # buffers hold padding: shapes matter, not contents
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):

@@ -67,10 +67,6 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.ids)
         return new
 
-    def push_many(self, token_ids: Iterable[int]) -> str:
-        """`push` each id; return the joined text."""
-        return "".join(self.push(t) for t in token_ids)
-
     def flush(self) -> str:
         """Release whatever is held (called once generation ends)."""
         new = self._pending()

@@ -5,13 +5,12 @@ at batch 64 that copy costs as much as the layer's matmuls. This Numba kernel wa
 directly, one sequence per work item, scoring all of its queries against each key row as it
 is read (items of a whole sequence read whole slot rows: 1.6-2x faster here than items of one
 (sequence, kv head)). Semantics equal the torch path (masked by `seq_lens`, softmax in fp32).
-Set `NURSERVE_CPU_ATTENTION=torch` to turn it off.
+`--cpu_attention torch` assembles models without it (`runtime.model.backends`).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import numpy as np
@@ -24,8 +23,6 @@ PARALLEL_MIN_ROWS = 1024  # slot rows (batch x table width) from which the paral
 @functools.cache
 def _kernel() -> Any:
     """The kernel module (compiled, or loaded from Numba's cache, on first use); None without Numba."""
-    if os.environ.get("NURSERVE_CPU_ATTENTION", "numba") != "numba":
-        return None
     try:
         import numba
     except ImportError:
@@ -34,9 +31,9 @@ def _kernel() -> Any:
     if config.THREADING_LAYER == "default":
         config.THREADING_LAYER = "workqueue"  # plain pthreads: no second OpenMP runtime
 
-    from runtime import cpu_kernels_numba  # module level: Numba can cache it
+    from runtime.kernels.cpu import numba_kernels  # module level: Numba can cache it
 
-    return cpu_kernels_numba
+    return numba_kernels
 
 
 def available() -> bool:

@@ -140,7 +140,7 @@ def _convert(
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}.tmp-") as tmp_name:
         tmp = Path(tmp_name)
         gguf_path = source(tmp, progress)
-        from runtime.gguf_loader import load_gguf  # heavy (torch): only when converting
+        from runtime.loading.gguf_file import load_gguf  # heavy (torch): only when converting
 
         ckpt = load_gguf(gguf_path, progress=progress)
         out = tmp / name
@@ -191,7 +191,7 @@ def converted_gguf_dir(gguf_path: str | Path, progress: bool = True) -> Path:
 
 
 def main() -> None:
-    """`python -m runtime.default_model`: ensure the default model is converted; print its path."""
+    """`python -m runtime.loading.default_model`: ensure the default model is converted; print its path."""
     print(default_model_dir())
 
 

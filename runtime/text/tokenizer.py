@@ -124,7 +124,8 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load tokenizer.json, tokenizer_config.json and generation_config.json from a folder."""
+        """Load tokenizer.json and tokenizer_config.json from a folder (EOS ids of generation:
+        `runtime.engine.loader.resolve_generation`)."""
         folder = Path(path)
         tj = folder / "tokenizer.json"
         if not tj.is_file():
@@ -133,9 +134,6 @@ class Tokenizer:
             )
         backend = _Backend.from_file(str(tj))
         tcfg = _read_json(folder / "tokenizer_config.json")
-        gen = _read_json(folder / "generation_config.json")
-        gen_eos = gen.get("eos_token_id")
-        eos_ids = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         specials = {
             k: s
             for k in ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -146,7 +144,6 @@ class Tokenizer:
             bos_token=specials.get("bos_token"),
             eos_token=specials.get("eos_token"),
             pad_token=specials.get("pad_token"),
-            eos_ids=eos_ids,
             add_bos_token=tcfg.get("add_bos_token"),
             chat_template=_chat_template(folder, tcfg),
             special_tokens=specials,

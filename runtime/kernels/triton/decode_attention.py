@@ -14,11 +14,9 @@ the kernel also runs on CPU tensors in Triton's interpreter (slow; tests only).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -263,31 +261,3 @@ def decode_attention(
     )
     # fmt: on
     return out
-
-
-@contextlib.contextmanager
-def use_in_model() -> Iterator[None]:
-    """Route `runtime.model`'s decode attention to the Triton kernel (benchmarks and GPU checks).
-
-    Patches the module's `_decode_group` (to keep `seq_lens`) and `_attend` (to dispatch decode
-    groups on CUDA); restores both on exit. The lead's permanent hook makes this unnecessary.
-    """
-    from runtime import model as m
-
-    orig_group, orig_attend = m._decode_group, m._attend
-
-    def group(table: Tensor, seq_lens: Tensor) -> Any:
-        grp = orig_group(table, seq_lens)
-        grp.seq_lens = seq_lens  # type: ignore[attr-defined]
-        return grp
-
-    def attend(q: Tensor, k_cache: Tensor, v_cache: Tensor, grp: Any) -> Tensor:
-        if grp.q_index is None and (q.is_cuda or _interpret()) and hasattr(grp, "seq_lens"):
-            return decode_attention(q, k_cache, v_cache, grp.block_table, grp.seq_lens)
-        return orig_attend(q, k_cache, v_cache, grp)
-
-    m._decode_group, m._attend = group, attend
-    try:
-        yield
-    finally:
-        m._decode_group, m._attend = orig_group, orig_attend

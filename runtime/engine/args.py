@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass
 class EngineArgs:
-    """Everything `build_engine` needs; the CLI (`python -m server`) and env vars fill it."""
+    """Everything `AsyncEngine` needs; the CLI (`python -m server`) and env vars fill it."""
 
     model_dir: str | None = None  # None: the embedded default (SmolLM2-135M-Instruct)
     model_name: str = "default_model_name"
@@ -30,5 +30,11 @@ class EngineArgs:
     graph_max_batch_size: int = 256
     graph_max_len_in_batch: int | None = None
     num_threads: int | None = None  # torch intra-op threads on the CPU
-    seed: int = 0
+    seed: int = 0  # seeds the generator that unseeded requests draw their seeds from
+    cpu_linear: str = "onednn"  # onednn | aten
+    cpu_attention: str = "numba"  # numba | torch
+    cpu_kernels: str = "numba"  # numba | torch
+    gpu_attention: str = "triton"  # triton | torch
+    reward_kernel: str = "cupy"  # cupy | torch
+    no_warmup: bool = False
     fault_inject_step: int | None = None  # tests: raise inside the step loop at this step

@@ -57,10 +57,6 @@ class ModelConfig:
     def is_reward_model(self) -> bool:
         return self.head_kind != "lm"
 
-    @property
-    def kv_bytes_per_token_fp32(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
-
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from an HF config dict; `source` names the file in error messages."""

@@ -1,0 +1,132 @@
+"""The engine's Trio face: `AsyncEngine.run` lives in the app's nursery and steps the core on a
+worker thread; each request is a memory channel of events, aborted when its consumer leaves."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+
+import trio
+
+from runtime.engine.api import EngineDead, ErrorEvent, LoadFigures, ModelInfo, QueueFull, ScoreEvent
+from runtime.engine.args import EngineArgs
+from runtime.engine.core import EngineCore, Event, Request
+from runtime.engine.loader import load_runner
+from runtime.sampling.params import SamplingParams
+from runtime.text.tokenizer import Tokenizer
+
+
+class AsyncEngine:
+    """Trio face of the engine; `run` lives in the app's nursery and steps the core on a thread."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.core: EngineCore | None = None
+        self.info: ModelInfo | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.dead: BaseException | None = None
+        self._channels: dict[int, trio.MemorySendChannel[Event]] = {}
+        self._req_ids = itertools.count(1)
+        self._wakeup = trio.Event()
+        self.steps_done = 0
+        self.last_step_done_s = 0.0
+
+    def _load(self) -> EngineCore:
+        runner, tokenizer = load_runner(self.args)
+        return EngineCore(runner, tokenizer, self.args)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Load the model, report readiness, then step forever; raises when a step fails."""
+        core = await trio.to_thread.run_sync(self._load)
+        self.core, self.tokenizer = core, core.tokenizer
+        self.info = core.model_info()
+        task_status.started()
+        try:
+            while True:
+                if not core.has_work():
+                    await self._wakeup.wait()
+                    self._wakeup = trio.Event()
+                    continue
+                core.timer.lap("idle")
+                events = await trio.to_thread.run_sync(core.step)
+                self.steps_done += 1
+                self.last_step_done_s = trio.current_time()
+                self._deliver(events)
+                core.timer.lap("deliver")
+        except BaseException as exc:
+            self.dead = exc
+            for send in list(self._channels.values()):
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    send.send_nowait(ErrorEvent(f"engine failed: {exc!r}"))
+                send.close()
+            self._channels.clear()
+            raise
+
+    def _deliver(self, events: list[tuple[Request, Event]]) -> None:
+        done: list[Request] = []
+        for req, ev in events:
+            send = self._channels.get(req.req_id)
+            if send is None:
+                continue
+            try:
+                send.send_nowait(ev)
+            except trio.BrokenResourceError:  # its receiver is closed: leaving `generate` aborts it
+                self._channels.pop(req.req_id, None)
+                continue
+            if req.done:
+                done.append(req)
+        for req in done:  # after the loop: all n sequences may finish in one step
+            send = self._channels.pop(req.req_id, None)
+            if send is not None:
+                send.close()
+
+    def load(self) -> LoadFigures:
+        if self.core is None:
+            return LoadFigures(0.0, 0.0, 0.0)
+        return self.core.load_figures
+
+    def _check_accepting(self) -> EngineCore:
+        if self.dead is not None or self.core is None:
+            raise EngineDead("the engine is not running")
+        core = self.core
+        if core.num_waiting() >= self.args.max_waiting_reqs:
+            raise QueueFull(core.num_waiting())
+        return core
+
+    @asynccontextmanager
+    async def _submit(
+        self, prompt_ids: list[int], params: SamplingParams, score: bool
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[Event]]:
+        core = self._check_accepting()
+        req = core.new_request(next(self._req_ids), prompt_ids, params, score)
+        send, recv = trio.open_memory_channel[Event](math.inf)
+        self._channels[req.req_id] = send
+        core.submit(req)
+        self._wakeup.set()
+        try:
+            yield recv
+        finally:
+            # Unregister before closing: `aclose` checkpoints, and the engine may deliver then.
+            self._channels.pop(req.req_id, None)
+            recv.close()
+            if not req.done and self.dead is None:
+                core.abort(req)
+                self._wakeup.set()
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Event]]:
+        """Submit on enter; leaving the block before the last event aborts the request."""
+        return self._submit(prompt_ids, params, score=False)
+
+    async def score(self, prompt_ids: list[int]) -> ScoreEvent:
+        """Score a prompt with the reward head (prefill only)."""
+        async with self._submit(prompt_ids, SamplingParams(max_new_tokens=1), score=True) as events:
+            async for ev in events:
+                if isinstance(ev, ScoreEvent):
+                    return ev
+                if isinstance(ev, ErrorEvent):
+                    raise EngineDead(ev.message)
+        raise EngineDead("the engine closed the request without a score")

@@ -1,0 +1,161 @@
+"""Build the engine's model runner from `EngineArgs`: checkpoint, weights and backends, tokenizer,
+EOS ids and sampling defaults, KV pool, warm-up, CUDA graphs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from runtime.engine.args import EngineArgs
+from runtime.kernels.cpu import linear as cpu_linear
+from runtime.loading.hf_folder import load_model, resolve_dtype
+from runtime.model.backends import BackendSettings, assemble
+from runtime.model.batch import SeqChunk, make_forward_batch
+from runtime.model.config import CheckpointError, ModelConfig
+from runtime.model.graphs import GraphRunner
+from runtime.model.kv_pool import KVPool
+from runtime.model.llama import CausalLM
+from runtime.model.runner import ModelRunner
+from runtime.text.tokenizer import Tokenizer
+
+log = logging.getLogger("nurserve.runner")
+
+# generation_config.json keys that become per-request sampling defaults
+GENERATION_DEFAULT_KEYS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def resolve_model_dir(model_dir: str | None) -> Path:
+    """The checkpoint folder: the embedded default, an HF folder, or a GGUF file (converted once)."""
+    from runtime.loading import default_model
+
+    if model_dir is None:
+        return default_model.default_model_dir()
+    path = Path(model_dir)
+    if path.suffix == ".gguf":
+        return default_model.converted_gguf_dir(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint folder or GGUF file")
+    return path
+
+
+def resolve_generation(
+    folder: Path, cfg: ModelConfig, tokenizer: Tokenizer, eos_override: list[int] | None
+) -> tuple[list[int], dict[str, object]]:
+    """The one place EOS ids and sampling defaults are decided: `--eos_id`, else
+    generation_config.json's, else config.json's, else the tokenizer's eos token."""
+    gen_path = folder / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    eos = gen.get("eos_token_id")
+    gen_eos = [eos] if isinstance(eos, int) else list(eos or [])
+    eos_ids = list(eos_override or gen_eos or cfg.eos_token_ids or tokenizer.eos_ids)
+    defaults = {k: gen[k] for k in GENERATION_DEFAULT_KEYS if k in gen}
+    return eos_ids, defaults
+
+
+def _kv_capacity(
+    args: EngineArgs, model: CausalLM, dtype: torch.dtype, device: torch.device
+) -> int:
+    if args.max_total_token_num is not None:
+        return args.max_total_token_num
+    per_token = KVPool.bytes_per_token(model.config, dtype)
+    if device.type == "cuda":
+        free_bytes, total_bytes = torch.cuda.mem_get_info(device)
+        budget = free_bytes - total_bytes * (1 - args.mem_fraction)
+    else:
+        budget = args.cpu_kv_cache_bytes
+    capacity = int(budget // per_token)
+    if capacity < 64:
+        raise MemoryError(
+            f"only {int(budget)} bytes left for the KV cache ({capacity} tokens at {per_token} B/token): "
+            "lower --mem_fraction's reserve, use a smaller --data_type, or set --max_total_token_num"
+        )
+    return capacity
+
+
+def backend_settings(args: EngineArgs) -> BackendSettings:
+    return BackendSettings(
+        cpu_linear=args.cpu_linear,
+        cpu_attention=args.cpu_attention,
+        cpu_kernels=args.cpu_kernels,
+        gpu_attention=args.gpu_attention,
+    )
+
+
+def load_model_for(args: EngineArgs, folder: Path, device: torch.device) -> CausalLM:
+    """Load the weights and assemble the model's backends for `device` and `--data_type`."""
+    dtype = resolve_dtype(args.data_type, device)
+    # fp16 on a CPU: fp16-stored weights with fp32 activations, K/V and sums (fbgemm); CPUs
+    # without native fp16 arithmetic run a whole-fp16 model many times slower than fp32
+    fp16_weights = (
+        device.type == "cpu" and dtype == torch.float16 and cpu_linear.fp16_weights_available()
+    )
+    if fp16_weights:
+        dtype = torch.float32
+    model = load_model(folder, dtype, device)
+    weights = "fp16" if fp16_weights else "fp32"
+    ops, packed = assemble(model, backend_settings(args), weights)
+    log.info("backends %s; packed %d weight matrices (%s weights)", ops.name, packed, weights)
+    return model
+
+
+def load_runner(args: EngineArgs) -> tuple[ModelRunner, Tokenizer]:
+    """Load weights, tokenizer and KV pool as `args` say."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu" and args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    folder = resolve_model_dir(args.model_dir)
+    model = load_model_for(args, folder, device)
+    tokenizer = Tokenizer.from_dir(folder)
+    cfg = model.config
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise CheckpointError(
+            f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the embedding only {cfg.vocab_size}"
+        )
+    capacity = _kv_capacity(args, model, model.dtype, device)
+    pool = KVPool(cfg, capacity, model.dtype, device)
+    max_len = min(args.max_req_total_len or cfg.max_position_embeddings, capacity)
+    eos_ids, defaults = resolve_generation(folder, cfg, tokenizer, args.eos_id)
+    log.info("loaded %s (%s, %s) with %d KV slots", folder, cfg.architecture, model.dtype, capacity)
+    runner = ModelRunner(
+        model=model,
+        pool=pool,
+        device=device,
+        max_req_total_len=max_len,
+        batch_max_tokens=args.batch_max_tokens or (8192 if device.type == "cuda" else 512),
+        eos_ids=eos_ids,
+        generation_defaults=defaults,
+        reward_kernel=args.reward_kernel == "cupy",
+    )
+    if not args.no_warmup:
+        warmup(runner)
+    if device.type == "cuda" and not args.disable_cudagraph:
+        runner.graphs = GraphRunner(
+            model,
+            pool,
+            min(args.graph_max_batch_size, args.running_max_req_size),
+            min(args.graph_max_len_in_batch or max_len, max_len),
+            enabled=True,
+            device=device,
+        )
+        runner.graphs.capture()
+    return runner, tokenizer
+
+
+def warmup(runner: ModelRunner) -> None:
+    """A tiny prefill and a tiny decode step, so the first request pays for no lazy
+    initialisation (oneDNN primitives; on the CPU the Numba kernels, compiled or loaded from
+    Numba's cache on first use: seconds). Writes only the inert pad slot."""
+    pool = runner.pool
+    pad = pool.pad_slot
+    prefill = make_forward_batch([SeqChunk([0, 0], 0, [pad, pad])], pad, runner.device)
+    decode = make_forward_batch(
+        [SeqChunk([0], 1, [pad, pad]), SeqChunk([0], 1, [pad, pad])], pad, runner.device
+    )
+    for batch in (prefill, decode):
+        if runner.is_reward_model:
+            runner.score(batch)
+        else:
+            runner.logits(runner.run(batch))

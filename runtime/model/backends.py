@@ -1,0 +1,170 @@
+"""Backends: the layer implementations a model is assembled with, chosen once when it loads.
+
+A model's layers call `Backends` (norm, rotary + K/V store, SiLU*up, decode attention) and their
+projections are `nn.Linear` or a packed CPU layer (`runtime.kernels.cpu.linear`): which ones is
+decided here, from the device, the dtype and the settings (`BackendSettings`), never per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from runtime.kernels.cpu import attention as cpu_attention
+from runtime.kernels.cpu import fused as cpu_fused
+from runtime.kernels.cpu import linear as cpu_linear
+from runtime.kernels.triton import decode_attention as triton_attention
+from runtime.model.attention import DecodeAttention
+
+if TYPE_CHECKING:
+    from runtime.model.llama import CausalLM
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    """The switches (`--cpu_linear`, `--cpu_attention`, `--cpu_kernels`, `--gpu_attention`)."""
+
+    cpu_linear: str = "onednn"  # onednn: packed fp32 weights; aten: plain F.linear
+    cpu_attention: str = "numba"  # numba: the paged decode kernel; torch: gather + SDPA
+    cpu_kernels: str = "numba"  # numba: one-pass norm / rope / SiLU*up; torch: torch ops
+    gpu_attention: str = "triton"  # triton: split-K decode kernel; torch: gather + SDPA
+
+
+class Rotary(Protocol):
+    def __call__(
+        self,
+        qkv: Tensor,  # [T, (nh + 2 nkv) hd]
+        cos: Tensor,  # [T, 1, hd]
+        sin: Tensor,  # [T, 1, hd]
+        out_slots: Tensor,  # [T]
+        k_cache: Tensor,  # [S, nkv, hd]
+        v_cache: Tensor,  # [S, nkv, hd]
+        n_heads: int,
+    ) -> Tensor: ...  # q [T, nh, hd]
+
+
+def torch_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)  # [T, H]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half rotary embedding; x `[T, heads, hd]`, cos/sin `[T, 1, hd]`."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def torch_rope_store(
+    qkv: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    out_slots: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    n_heads: int,
+) -> Tensor:
+    """Rotary of q and k, k and v written to the caches at `out_slots`; returns q."""
+    t, n_kv, hd = qkv.shape[0], k_cache.shape[1], k_cache.shape[2]
+    qk = apply_rope(qkv[:, : (n_heads + n_kv) * hd].view(t, n_heads + n_kv, hd), cos, sin)
+    q, k = qk.split([n_heads, n_kv], dim=1)  # [T, nh, hd], [T, nkv, hd]
+    v = qkv[:, (n_heads + n_kv) * hd :].view(t, n_kv, hd)  # [T, nkv, hd]
+    k_cache.index_copy_(0, out_slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, out_slots, v.to(v_cache.dtype))
+    return q
+
+
+def torch_silu_mul(gate_up: Tensor) -> Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class Backends:
+    """What each layer calls; `decode_attention=None` is the torch path (gather + SDPA)."""
+
+    name: str
+    rms_norm: cpu_fused.NormFn = torch_rms_norm
+    rope_store: Rotary = torch_rope_store
+    silu_mul: cpu_fused.ActFn = torch_silu_mul
+    decode_attention: DecodeAttention | None = None
+
+
+TORCH = Backends("torch")
+
+
+def select_backends(
+    device: torch.device, dtype: torch.dtype, settings: BackendSettings
+) -> Backends:
+    """The backends for a model of `dtype` on `device` (the CPU kernels need fp32 and Numba)."""
+    if device.type == "cuda":
+        if settings.gpu_attention == "triton" and triton_attention.available():
+            return Backends("triton", decode_attention=triton_attention.decode_attention)
+        return TORCH
+    if device.type != "cpu" or dtype != torch.float32 or not cpu_attention.available():
+        return TORCH
+    fused = settings.cpu_kernels == "numba"
+    attn = settings.cpu_attention == "numba"
+    if not (fused or attn):
+        return TORCH
+    return Backends(
+        name="+".join(n for n, on in (("numba-fused", fused), ("numba-attention", attn)) if on),
+        rms_norm=cpu_fused.rms_norm if fused else torch_rms_norm,
+        rope_store=cpu_fused.rope_store if fused else torch_rope_store,
+        silu_mul=cpu_fused.silu_mul if fused else torch_silu_mul,
+        decode_attention=cpu_attention.paged_decode_attention if attn else None,
+    )
+
+
+def pack_linears(model: CausalLM, cpu_linear_mode: str, weights: str = "fp32") -> int:
+    """Swap the decoder's projections for packed CPU layers and pack the LM head; returns how
+    many matrices were packed (0 off the CPU, for non-fp32 models, or when turned off).
+
+    `weights="fp32"`: oneDNN's packed fp32 layout (`cpu_linear_mode="onednn"`, else nothing);
+    `"fp16"`: fbgemm's fp16 weights (`Fp16WeightLinear`), and the embedding table (kept fp32 for
+    the lookup) rounded to fp16 values too, so the model is exactly an fp32 model with every
+    weight matrix rounded to fp16. A tied LM head costs one extra copy of the embedding matrix.
+    """
+    make: type[cpu_linear.PackedLinear] | type[cpu_linear.Fp16WeightLinear]
+    if weights == "fp16":
+        ok, make = cpu_linear.fp16_weights_available(), cpu_linear.Fp16WeightLinear
+    elif weights == "fp32":
+        ok = cpu_linear_mode == "onednn" and cpu_linear.onednn_available()
+        make = cpu_linear.PackedLinear
+    else:
+        raise ValueError(f"weights must be fp32 or fp16, got {weights!r}")
+    if not ok or model.dtype != torch.float32 or model.norm.device.type != "cpu":
+        return 0
+    count = 0
+    with torch.inference_mode():
+        if weights == "fp16":
+            table = model.embed_tokens.weight
+            table.copy_(table.half().float())
+        for layer in model.decoder_layers():
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                linear = getattr(layer, name)
+                if isinstance(linear, nn.Linear):
+                    setattr(layer, name, make(linear.weight, linear.bias))
+                    count += 1
+        if model.config.head_kind == "lm":
+            head = model.lm_head.weight if model.lm_head is not None else model.embed_tokens.weight
+            model.packed_lm_head = make(head)
+            count += 1
+    return count
+
+
+def assemble(
+    model: CausalLM, settings: BackendSettings | None = None, weights: str = "fp32"
+) -> tuple[Backends, int]:
+    """Pick the backends for the model's device and dtype and swap in packed CPU projections
+    (`weights` as in `pack_linears`); returns the backends and the number of packed matrices."""
+    settings = settings or BackendSettings()
+    device = model.norm.device
+    ops = select_backends(device, model.dtype, settings)
+    model.use_backends(ops)
+    packed = pack_linears(model, settings.cpu_linear, weights) if device.type == "cpu" else 0
+    return ops, packed

@@ -1,0 +1,2 @@
+"""Text: the tokenizer (Rust `tokenizers` + the chat template) and the incremental detokenizer
+with stop-string matching. No torch."""

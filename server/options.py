@@ -1,0 +1,205 @@
+"""The table of settings: each has a LightLLM-style flag (`--max_total_token_num`) and an
+environment variable (`NURSERVE_MAX_TOTAL_TOKEN_NUM`); `server.settings` reads them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ENV_PREFIX = "NURSERVE_"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its flag is `--{name}`, its environment variable `NURSERVE_{NAME}`."""
+
+    name: str
+    kind: str  # "str" | "int" | "float" | "bool" | "int_list"
+    help: str
+    engine: bool = False  # forwarded to EngineArgs
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def env(self) -> str:
+        """The environment variable of this option."""
+        return ENV_PREFIX + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    # --- model and engine (LightLLM flag names) ---
+    Option(
+        "model_dir",
+        "str",
+        "HF model folder (config.json + safetensors) or a .gguf file; "
+        "unset = the embedded default model (SmolLM2-135M)",
+        engine=True,
+    ),
+    Option("model_name", "str", "name answered by /get_model_name", engine=True),
+    Option(
+        "tokenizer_mode",
+        "str",
+        "tokenizer mode (LightLLM compatibility)",
+        engine=True,
+        choices=("fast", "slow", "auto"),
+    ),
+    Option(
+        "data_type",
+        "str",
+        "weight/activation dtype; unset = bf16 on a GPU, fp32 on the CPU; fp16 on a CPU keeps "
+        "fp16 weights with fp32 arithmetic (half the weight memory; 1.3-1.6x decode at 1-8 streams)",
+        engine=True,
+        choices=("fp32", "bf16", "fp16"),
+    ),
+    Option(
+        "max_total_token_num",
+        "int",
+        "KV-cache capacity in tokens; unset = profiled from free memory and --mem_fraction",
+        engine=True,
+    ),
+    Option(
+        "mem_fraction",
+        "float",
+        "fraction of device memory the process may use when profiling the KV capacity",
+        engine=True,
+    ),
+    Option("batch_max_tokens", "int", "most prompt tokens prefilled in one step", engine=True),
+    Option("running_max_req_size", "int", "most requests running at once", engine=True),
+    Option(
+        "max_req_total_len",
+        "int",
+        "limit on prompt + max_new_tokens of one request; longer requests get 400",
+        engine=True,
+    ),
+    Option(
+        "max_waiting_reqs",
+        "int",
+        "bounded waiting queue: requests beyond it get 503 + Retry-After",
+        engine=True,
+    ),
+    Option(
+        "eos_id",
+        "int_list",
+        "end-of-sequence token ids (flag: --eos_id 2 7; env: "
+        "comma-separated); unset = from the model config",
+        engine=True,
+    ),
+    Option("disable_cudagraph", "bool", "run decode eagerly (no CUDA graphs)", engine=True),
+    Option(
+        "graph_max_batch_size", "int", "largest decode batch captured in a CUDA graph", engine=True
+    ),
+    Option(
+        "graph_max_len_in_batch",
+        "int",
+        "longest sequence a captured graph serves; unset = max_req_total_len",
+        engine=True,
+    ),
+    Option(
+        "device", "str", "torch device (cuda, cuda:1, cpu); unset = cuda if available", engine=True
+    ),
+    Option("seed", "int", "seed of the engine's default random generator", engine=True),
+    Option(
+        "router_token_ratio",
+        "float",
+        "KV use above which the admission estimate turns conservative",
+        engine=True,
+    ),
+    Option(
+        "router_max_new_token_len",
+        "int",
+        "expected output length for the optimistic admission estimate",
+        engine=True,
+    ),
+    Option(
+        "cpu_kv_cache_bytes",
+        "int",
+        "KV-cache budget on the CPU when --max_total_token_num is unset",
+        engine=True,
+    ),
+    Option("num_threads", "int", "torch intra-op threads on the CPU", engine=True),
+    # --- backends, chosen once when the model loads ---
+    Option(
+        "cpu_linear",
+        "str",
+        "fp32 CPU projections: onednn packs each weight once into oneDNN's layout; aten "
+        "leaves F.linear",
+        engine=True,
+        choices=("onednn", "aten"),
+    ),
+    Option(
+        "cpu_attention",
+        "str",
+        "CPU decode attention: numba reads K/V through the slot table; torch gathers + SDPA",
+        engine=True,
+        choices=("numba", "torch"),
+    ),
+    Option(
+        "cpu_kernels",
+        "str",
+        "CPU RMSNorm, rotary + K/V store and SiLU*up: numba one-pass kernels, or torch ops",
+        engine=True,
+        choices=("numba", "torch"),
+    ),
+    Option(
+        "gpu_attention",
+        "str",
+        "GPU decode attention: triton split-K kernel, or torch gather + SDPA",
+        engine=True,
+        choices=("triton", "torch"),
+    ),
+    Option(
+        "reward_kernel",
+        "str",
+        "reward head on a GPU: the cupy kernel, or its torch twin",
+        engine=True,
+        choices=("cupy", "torch"),
+    ),
+    Option(
+        "no_warmup",
+        "bool",
+        "skip the warm-up forward at start-up (the first request then pays for kernel loading)",
+        engine=True,
+    ),
+    Option(
+        "fault_inject_step",
+        "int",
+        "tests: make the engine fail at this step (exercises the death path)",
+        engine=True,
+    ),
+    # --- HTTP server (ours) ---
+    Option("host", "str", "address to bind [launcher]"),
+    Option("port", "int", "port to bind [launcher]"),
+    Option(
+        "backlog",
+        "int",
+        "listen backlog; Hypercorn's default 100 drops connections in bursts [launcher]",
+    ),
+    Option("max_body_bytes", "int", "largest request body; larger bodies get 413"),
+    Option(
+        "shutdown_grace_s",
+        "float",
+        "on SIGTERM, how long in-flight requests may run before they are cut [launcher]",
+    ),
+    Option(
+        "stall_timeout_s",
+        "float",
+        "/health answers 503 when requests are in flight and none made progress for this long",
+    ),
+    Option(
+        "death_exit_delay_s",
+        "float",
+        "after the engine dies, how long the 503s may go "
+        "out before the process exits with status 3",
+    ),
+    Option(
+        "keep_alive_s",
+        "float",
+        "idle keep-alive timeout of client connections [launcher]",
+    ),
+    Option(
+        "startup_timeout_s",
+        "float",
+        "how long model loading may take before Hypercorn gives up [launcher]",
+    ),
+    Option("log_level", "str", "log level", choices=("debug", "info", "warning", "error")),
+    Option("access_log", "bool", "log every request (costs CPU under load) [launcher]"),
+)
+OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
