@@ -34,6 +34,12 @@ def runner_and_tokenizer(default_model_dir: object) -> tuple[ModelRunner, Tokeni
     return load_runner(EngineArgs(max_total_token_num=4096, max_req_total_len=MAX_LEN))
 
 
+@pytest.fixture(scope="session")
+def tokenizer(runner_and_tokenizer: tuple[ModelRunner, Tokenizer]) -> Tokenizer:
+    """The default model's tokenizer."""
+    return runner_and_tokenizer[1]
+
+
 @pytest.fixture
 def make_app(runner_and_tokenizer: tuple[ModelRunner, Tokenizer]) -> Factory:
     """Build an app on a fresh engine around the shared weights."""

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "profiling") not in sys.path:
     sys.path.insert(0, str(ROOT / "profiling"))
@@ -27,6 +29,7 @@ def test_workload_flops_matches_a_hand_count(default_model_dir: Path) -> None:
     assert bo.workload_flops(cfg, 2, 4, 3) == expected
 
 
+@pytest.mark.slow
 def test_tiny_run_reports_ratios_per_round(tmp_path: Path, default_model_dir: Path) -> None:
     out = tmp_path / "offline.json"
     cmd = [sys.executable, str(ROOT / "profiling" / "bench_offline.py"), "--requests", "2"]

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ import bench_metrics as bm  # noqa: E402
 import bench_prompts as bp  # noqa: E402
 import bench_report as br  # noqa: E402
 import bench_serving as bs  # noqa: E402
+
+from tests.server_helpers import free_port  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # statistics and metric definitions
@@ -385,15 +386,9 @@ def test_plots(tmp_path: Path) -> None:
 # a real server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 def test_real_server_tiny_load(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen(

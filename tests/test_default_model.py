@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from runtime.loading.hf_folder import load_model
-from runtime.model.backends import assemble
+from runtime.model.assemble import assemble
 from runtime.model.batch import SeqChunk, make_forward_batch
 from runtime.model.kv_pool import KVPool
 from runtime.model.llama import CausalLM

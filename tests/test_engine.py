@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 import trio
@@ -96,6 +97,24 @@ def test_seeded_sampling_alone_equals_in_busy_batch(core: EngineCore) -> None:
     batch_params = [noisy[0], seeded, *noisy[1:]]
     busy = run_requests(core, batch_prompts, batch_params, [0, 2, 0, 1, 3, 0, 5, 1])
     assert busy[1] == alone
+
+
+def test_engine_seed_makes_unseeded_sampling_reproducible(core: EngineCore) -> None:
+    """`--seed` seeds the generator unseeded requests draw from, in arrival order."""
+    prompts = mixed_prompts(core, 3, seed=4)
+    unseeded = parse_sampling_params(
+        {"do_sample": True, "temperature": 1.2, "max_new_tokens": 12, "ignore_eos": True}
+    )
+
+    def run(seed: int) -> list[list[int]]:
+        args = replace(core.args, seed=seed)
+        fresh = EngineCore(core.runner, core.tokenizer, args)
+        return run_requests(fresh, prompts, [unseeded] * 3, arrival_steps=[0, 1, 2])
+
+    first = run(5)
+    assert run(5) == first
+    assert run(6) != first
+    assert len({tuple(t) for t in first}) == 3  # the requests drew different seeds
 
 
 def test_abort_mid_prefill_and_mid_decode_frees_everything(core: EngineCore) -> None:

@@ -11,7 +11,7 @@ from runtime.engine.args import EngineArgs
 from runtime.engine.core import EngineCore, Request
 from runtime.engine.loader import load_runner
 from runtime.sampling.params import SamplingParams
-from tests.test_reward_models import make_tiny_reward_checkpoint
+from tests.server_helpers import make_tiny_reward_checkpoint
 
 SEED_CHAT = (
     "<|im_start|>user\nHello! What's your name?<|im_end|>\n<|im_start|>assistant\n"

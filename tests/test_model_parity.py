@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from runtime.kernels.cpu import linear as cpu_linear
 from runtime.loading.hf_folder import load_model
-from runtime.model.backends import TORCH, BackendSettings, assemble
+from runtime.model.assemble import assemble
+from runtime.model.backends import TORCH, BackendSettings
 from runtime.model.batch import SeqChunk, make_forward_batch
 from runtime.model.config import CheckpointError
 from runtime.model.kv_pool import KVPool

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Iterator
 from contextlib import aclosing
 from typing import Any
@@ -290,28 +289,28 @@ async def test_dropped_streams_are_aborted(server: ServerProcess) -> None:
         async with trio.open_nursery() as nursery:
             for _ in range(50):
                 nursery.start_soon(drop, rng.randint(1, 4), rng.uniform(0.05, 2.0))
-        dropped_s = time.monotonic()
-        steps_at_drop: float | None = None
-        while True:
-            text = (await c.get("/metrics")).text
-            elapsed_s = time.monotonic() - dropped_s
-            if steps_at_drop is None:
-                steps_at_drop = metric(text, "nurserve_engine_steps_total")
-            http_done = metric(text, "nurserve_requests_in_flight") == 0
-            aborted = metric(text, "nurserve_request_aborted") - aborted_before
-            accepted = metric(text, "lightllm_request_count") - accepted_before
-            if not http_done or aborted < accepted:
-                # (a client that left before its request reached the engine has nothing to abort)
-                assert elapsed_s < 1.0, f"HTTP layer: {accepted} accepted, {aborted} aborted"
-            elif metric(text, "nurserve_kv_current_load") == 0.0:
-                break
-            elif elapsed_s > 1.0:
+        # Measured in engine steps, not seconds: the aborts must be seen by the HTTP layer and
+        # the KV freed within two steps of the last drop, however slow this machine is.
+        steps_at_drop = metric((await c.get("/metrics")).text, "nurserve_engine_steps_total")
+        with trio.fail_after(60):  # a hang guard only
+            while True:
+                text = (await c.get("/metrics")).text
                 steps = metric(text, "nurserve_engine_steps_total") - steps_at_drop
-                assert steps < 2, (
-                    f"KV still in use {elapsed_s:.1f} s and {steps} steps after the drops"
+                http_done = metric(text, "nurserve_requests_in_flight") == 0
+                aborted = metric(text, "nurserve_request_aborted") - aborted_before
+                accepted = metric(text, "lightllm_request_count") - accepted_before
+                # (a client that left before its request reached the engine has nothing to abort)
+                if (
+                    http_done
+                    and aborted >= accepted
+                    and metric(text, "nurserve_kv_current_load") == 0
+                ):
+                    break
+                assert steps <= 2, (
+                    f"{steps} engine steps after the drops: {accepted} accepted, {aborted} "
+                    f"aborted, in flight: {not http_done}"
                 )
-            assert elapsed_s < 60
-            await trio.sleep(0.02)
+                await trio.sleep(0.01)
         assert (await c.get("/token_load")).json()["current_load"] == 0.0
         r = await c.post("/generate", json=SEED_BODY)
         assert r.status_code == 200 and r.json()["count_output_tokens"] == 17

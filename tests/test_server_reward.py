@@ -11,13 +11,19 @@ import pytest
 import trio
 
 from runtime.text.tokenizer import Tokenizer
-from tests.server_helpers import ServerProcess, start_server
-from tests.test_reward_models import make_tiny_reward_checkpoint, tiny_reward_score
+from tests.server_helpers import (
+    ServerProcess,
+    make_tiny_reward_checkpoint,
+    start_server,
+    tiny_reward_score,
+)
 
 SEED_QUERY = (
     "<|im_start|>user\nHello! What's your name?<|im_end|>\n<|im_start|>assistant\n"
     "My name is InternLM2! A helpful AI assistant. What can I do for you?<|im_end|>\n<|reward|>"
 )
+
+pytestmark = pytest.mark.slow  # starts a server
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import trio
 
 from runtime.engine.args import EngineArgs
 from runtime.sampling.params import parse_sampling_params
+from runtime.text.tokenizer import Tokenizer
 from server.app import get_app_state
 from server.settings import OPTIONS, Settings, markdown_table, parse_args
 from server.stream import start_stream, stream_response_body
@@ -152,7 +153,7 @@ async def test_cheap_routes(make_app: Factory) -> None:
 # ------------------------------------------------------------------ generation
 
 
-async def test_generate_seed_example(make_app: Factory) -> None:
+async def test_generate_seed_example(make_app: Factory, tokenizer: Tokenizer) -> None:
     async with serving(make_app()) as client:
         r = await client.post("/generate", json=SEED_BODY)
         assert r.status_code == 200, await r.get_data()
@@ -170,10 +171,10 @@ async def test_generate_seed_example(make_app: Factory) -> None:
         assert body["prompt_tokens"] == 4
 
         # The same request as token ids gives the same greedy text.
-        ids = runner_ids = [1780, 314, 5646, 47]
-        r = await client.post("/generate", json={**SEED_BODY, "inputs": runner_ids})
+        ids = tokenizer.encode(SEED_BODY["inputs"])
+        assert len(ids) == body["prompt_tokens"]
+        r = await client.post("/generate", json={**SEED_BODY, "inputs": ids})
         assert (await r.get_json())["generated_text"] == body["generated_text"]
-        assert ids == runner_ids
 
         # return_details: one entry per token; cumlogprob is the running sum.
         params = {**SEED_BODY["parameters"], "return_details": True}
@@ -272,9 +273,9 @@ async def test_stop_sequence_and_eos(make_app: Factory) -> None:
                 json={"inputs": chat, "parameters": {"max_new_tokens": 64, "return_details": True}},
             )
         ).get_json()
-        if out["finish_reason"] == "stop":
-            last = out["tokens"][-1]
-            assert last["text"] == "" and last["count_output_tokens"] == out["count_output_tokens"]
+        assert out["finish_reason"] == "stop"  # greedy: the model answers and ends with EOS
+        last = out["tokens"][-1]
+        assert last["text"] == "" and last["count_output_tokens"] == out["count_output_tokens"]
 
 
 # ------------------------------------------------------------------ backpressure, abort, death

@@ -12,7 +12,8 @@ import torch
 from runtime.engine.args import EngineArgs
 from runtime.kernels.cpu import linear as cpu_linear
 from runtime.loading.hf_folder import load_model, resolve_dtype
-from runtime.model.backends import BackendSettings, assemble
+from runtime.model.assemble import assemble
+from runtime.model.backends import BackendSettings
 from runtime.model.batch import SeqChunk, make_forward_batch
 from runtime.model.config import CheckpointError, ModelConfig
 from runtime.model.graphs import GraphRunner
