@@ -117,6 +117,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("num_threads", "int", "torch intra-op threads on the CPU", engine=True),
     # --- backends, chosen once when the model loads ---
     Option(
+        "quant_type",
+        "str",
+        "CPU weight format: auto keeps a GGUF's own block formats (the default model serves its "
+        "Q4_1 as shipped); none = dense --data_type weights; a format quantizes an HF "
+        "checkpoint at load",
+        engine=True,
+        choices=("auto", "none", "q4_0", "q4_1", "q8_0", "q4_k", "q6_k"),
+    ),
+    Option(
+        "quant_mode",
+        "str",
+        "arithmetic of quantized weights: exact (fp32 activations: the dequantized model to "
+        "fp32 rounding) or fast (activations quantized to 8 bits per block, as llama.cpp)",
+        engine=True,
+        choices=("exact", "fast"),
+    ),
+    Option(
         "cpu_linear",
         "str",
         "fp32 CPU projections: onednn packs each weight once into oneDNN's layout; aten "

@@ -45,6 +45,8 @@ class Settings:
     router_max_new_token_len: int | None = None
     cpu_kv_cache_bytes: int | None = None
     num_threads: int | None = None
+    quant_type: str | None = None
+    quant_mode: str | None = None
     cpu_linear: str | None = None
     cpu_attention: str | None = None
     cpu_kernels: str | None = None

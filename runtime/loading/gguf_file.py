@@ -90,7 +90,7 @@ def _f32(v: Any) -> float:
     return float(str(np.float32(v)))
 
 
-def _open(path: str | Path) -> Any:
+def open_gguf(path: str | Path) -> Any:
     import gguf
 
     p = Path(path)
@@ -337,7 +337,7 @@ def _tokenizer_files(
     return tok.to_str(), tcfg, gen, special_cfg
 
 
-def _hf_name(name: str, path: Path) -> str:
+def hf_name(name: str, path: Path) -> str:
     if name in _TOP_NAMES:
         return _TOP_NAMES[name]
     parts = name.split(".")
@@ -354,7 +354,7 @@ def load_gguf(path: str | Path, *, progress: bool = False) -> GGUFCheckpoint:
     from gguf.quants import dequantize
 
     path = Path(path)
-    reader = _open(path)
+    reader = open_gguf(path)
     meta = read_gguf_metadata(reader, path)
     by_name = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in by_name:
@@ -374,7 +374,7 @@ def load_gguf(path: str | Path, *, progress: bool = False) -> GGUFCheckpoint:
         if t.name == "rope_freqs.weight":
             rope_freqs = arr
             continue
-        name = _hf_name(t.name, path)
+        name = hf_name(t.name, path)
         if ".self_attn.q_proj." in name:
             arr = unpermute_qk(arr, n_head)
         elif ".self_attn.k_proj." in name:

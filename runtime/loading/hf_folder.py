@@ -11,7 +11,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from runtime.model.config import CheckpointError, ModelConfig
-from runtime.model.llama import CausalLM, rope_inv_freq
+from runtime.model.llama import CausalLM, DecoderLayer, rope_inv_freq
 
 DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -131,64 +131,63 @@ def load_into_model(
     sd = dict(state_dict)
     if cfg.family == "internlm2":
         sd = _internlm2_to_canonical(sd, cfg)
-    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    nq, nkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    h = cfg.hidden_size
     with torch.no_grad():
         model.embed_tokens.weight.copy_(
             _take(sd, "model.embed_tokens.weight", (cfg.vocab_size, h), source)
         )
         model.norm.copy_(_take(sd, "model.norm.weight", (h,), source))
         for i, layer in enumerate(model.decoder_layers()):
-            p = f"model.layers.{i}."
-            qkv = [
-                _take(sd, p + "self_attn.q_proj.weight", (nq, h), source),
-                _take(sd, p + "self_attn.k_proj.weight", (nkv, h), source),
-                _take(sd, p + "self_attn.v_proj.weight", (nkv, h), source),
-            ]
-            _dense(layer.qkv_proj).weight.copy_(torch.cat(qkv, 0))
-            if cfg.qkv_bias:
-                biases = [
-                    _take(sd, p + "self_attn.q_proj.bias", (nq,), source),
-                    _take(sd, p + "self_attn.k_proj.bias", (nkv,), source),
-                    _take(sd, p + "self_attn.v_proj.bias", (nkv,), source),
-                ]
-                _dense(layer.qkv_proj).bias.copy_(torch.cat(biases, 0))
-            _dense(layer.o_proj).weight.copy_(
-                _take(sd, p + "self_attn.o_proj.weight", (h, nq), source)
-            )
-            if cfg.o_bias:
-                _dense(layer.o_proj).bias.copy_(
-                    _take(sd, p + "self_attn.o_proj.bias", (h,), source)
-                )
-            gate = _take(sd, p + "mlp.gate_proj.weight", (inter, h), source)
-            up = _take(sd, p + "mlp.up_proj.weight", (inter, h), source)
-            _dense(layer.gate_up_proj).weight.copy_(torch.cat([gate, up], 0))
-            _dense(layer.down_proj).weight.copy_(
-                _take(sd, p + "mlp.down_proj.weight", (h, inter), source)
-            )
-            if cfg.mlp_bias:
-                _dense(layer.gate_up_proj).bias.copy_(
-                    torch.cat(
-                        [
-                            _take(sd, p + "mlp.gate_proj.bias", (inter,), source),
-                            _take(sd, p + "mlp.up_proj.bias", (inter,), source),
-                        ]
-                    )
-                )
-                _dense(layer.down_proj).bias.copy_(
-                    _take(sd, p + "mlp.down_proj.bias", (h,), source)
-                )
-            layer.input_layernorm.copy_(_take(sd, p + "input_layernorm.weight", (h,), source))
-            layer.post_attention_layernorm.copy_(
-                _take(sd, p + "post_attention_layernorm.weight", (h,), source)
-            )
-            sd.pop(p + "self_attn.rotary_emb.inv_freq", None)
+            _load_layer(layer, sd, f"model.layers.{i}.", cfg, source)
         if model.lm_head is not None:
             model.lm_head.weight.copy_(_take(sd, "lm_head.weight", (cfg.vocab_size, h), source))
         else:
             sd.pop("lm_head.weight", None)
         _load_score_head(model, sd, source)
     return model
+
+
+def _load_layer(
+    layer: DecoderLayer, sd: dict[str, Tensor], p: str, cfg: ModelConfig, source: str
+) -> None:
+    """One decoder layer's weights (prefix `p`), q/k/v and gate/up fused."""
+    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    nq, nkv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    qkv = [
+        _take(sd, p + "self_attn.q_proj.weight", (nq, h), source),
+        _take(sd, p + "self_attn.k_proj.weight", (nkv, h), source),
+        _take(sd, p + "self_attn.v_proj.weight", (nkv, h), source),
+    ]
+    _dense(layer.qkv_proj).weight.copy_(torch.cat(qkv, 0))
+    if cfg.qkv_bias:
+        biases = [
+            _take(sd, p + "self_attn.q_proj.bias", (nq,), source),
+            _take(sd, p + "self_attn.k_proj.bias", (nkv,), source),
+            _take(sd, p + "self_attn.v_proj.bias", (nkv,), source),
+        ]
+        _dense(layer.qkv_proj).bias.copy_(torch.cat(biases, 0))
+    _dense(layer.o_proj).weight.copy_(_take(sd, p + "self_attn.o_proj.weight", (h, nq), source))
+    if cfg.o_bias:
+        _dense(layer.o_proj).bias.copy_(_take(sd, p + "self_attn.o_proj.bias", (h,), source))
+    gate = _take(sd, p + "mlp.gate_proj.weight", (inter, h), source)
+    up = _take(sd, p + "mlp.up_proj.weight", (inter, h), source)
+    _dense(layer.gate_up_proj).weight.copy_(torch.cat([gate, up], 0))
+    _dense(layer.down_proj).weight.copy_(_take(sd, p + "mlp.down_proj.weight", (h, inter), source))
+    if cfg.mlp_bias:
+        _dense(layer.gate_up_proj).bias.copy_(
+            torch.cat(
+                [
+                    _take(sd, p + "mlp.gate_proj.bias", (inter,), source),
+                    _take(sd, p + "mlp.up_proj.bias", (inter,), source),
+                ]
+            )
+        )
+        _dense(layer.down_proj).bias.copy_(_take(sd, p + "mlp.down_proj.bias", (h,), source))
+    layer.input_layernorm.copy_(_take(sd, p + "input_layernorm.weight", (h,), source))
+    layer.post_attention_layernorm.copy_(
+        _take(sd, p + "post_attention_layernorm.weight", (h,), source)
+    )
+    sd.pop(p + "self_attn.rotary_emb.inv_freq", None)
 
 
 def _load_score_head(model: CausalLM, sd: dict[str, Tensor], source: str) -> None:

@@ -80,22 +80,11 @@ class ModelConfig:
             raise CheckpointError(f"{source}: missing or malformed field {e}") from e
         n_kv = int(cfg.get("num_key_value_heads") or n_heads)
         head_dim = int(cfg.get("head_dim") or hidden // n_heads)
-        rope_params = cfg.get("rope_parameters") or {}
-        rope_theta = float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
-        scaling = cfg.get("rope_scaling") or None
-        if scaling is None and rope_params.get("rope_type", "default") != "default":
-            scaling = dict(rope_params)
-        if family == "qwen2":
-            qkv_bias = True
-        elif family == "internlm2":
-            qkv_bias = bool(cfg.get("bias", False))
-        else:
-            qkv_bias = bool(cfg.get("attention_bias", False))
+        rope_theta, scaling = _rope_settings(cfg)
+        qkv_bias = _qkv_bias(cfg, family)
         eos = cfg.get("eos_token_id")
         eos_ids = (
-            [int(e) for e in eos]
-            if isinstance(eos, list)
-            else ([int(eos)] if eos is not None else [])
+            [int(e) for e in eos] if isinstance(eos, list) else [] if eos is None else [int(eos)]
         )
         return cls(
             architecture=arch,
@@ -134,3 +123,21 @@ class ModelConfig:
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{path}: malformed JSON ({e})") from e
         return cls.from_hf_dict(cfg, str(path))
+
+
+def _rope_settings(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from either the classic keys or transformers 5's rope_parameters."""
+    rope_params = cfg.get("rope_parameters") or {}
+    rope_theta = float(cfg.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
+    scaling = cfg.get("rope_scaling") or None
+    if scaling is None and rope_params.get("rope_type", "default") != "default":
+        scaling = dict(rope_params)
+    return rope_theta, scaling
+
+
+def _qkv_bias(cfg: dict[str, Any], family: str) -> bool:
+    if family == "qwen2":
+        return True
+    if family == "internlm2":
+        return bool(cfg.get("bias", False))
+    return bool(cfg.get("attention_bias", False))

@@ -1,4 +1,4 @@
-"""Batched logit pipeline: penalties -> EOS shaping -> temperature -> top-k/top-p -> sample.
+"""Batched logit pipeline (DESIGN.md, "Sampling"): penalties -> EOS shaping -> temperature -> top-k/top-p -> sample.
 
 Every row's random draw comes from a counter-based generator keyed by (seed, step): one
 uniform per row from an integer hash, then inverse-CDF sampling over the row's masked
@@ -117,74 +117,94 @@ class SamplingBatch:
     mask_candidates: int = 0  # top-k/top-p look at this many best tokens first (0 = full sort)
 
 
+@dataclass
+class _Columns:
+    """The rows' sampling state as host lists, one entry per row (penalty pairs in CSR form)."""
+
+    temperature: list[float] = field(default_factory=list)
+    top_p: list[float] = field(default_factory=list)
+    top_k: list[int] = field(default_factory=list)
+    greedy: list[bool] = field(default_factory=list)
+    repetition: list[float] = field(default_factory=list)
+    frequency: list[float] = field(default_factory=list)
+    presence: list[float] = field(default_factory=list)
+    gen_len: list[int] = field(default_factory=list)
+    min_new: list[int] = field(default_factory=list)
+    decay_start: list[int] = field(default_factory=list)
+    decay_factor: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    row_ptr: list[int] = field(default_factory=lambda: [0])
+    needs_mask: bool = False
+    needs_eos: bool = False
+    max_k: int = 0  # largest top_k among the masked rows (vocab_size if one keeps it all)
+
+    def add(self, row: RowState, vocab_size: int) -> None:
+        p = row.params
+        g = p.greedy
+        k = vocab_size if p.top_k == -1 else min(p.top_k, vocab_size)
+        self.greedy.append(g)
+        self.temperature.append(1.0 if g else p.temperature)
+        self.top_k.append(vocab_size if g else k)
+        self.top_p.append(1.0 if g else p.top_p)
+        if not g and (k < vocab_size or p.top_p < 1.0):
+            self.needs_mask = True
+            self.max_k = max(self.max_k, k)
+        self.repetition.append(p.repetition_penalty)
+        self.frequency.append(p.frequency_penalty)
+        self.presence.append(p.presence_penalty)
+        if p.has_penalties and len(row.counts) > 0:
+            for tok, c in row.counts.items():
+                self.token_ids.append(tok)
+                self.counts.append(c)
+        self.row_ptr.append(len(self.token_ids))
+        start, factor = p.exponential_decay_length_penalty
+        n = row.generated_len
+        self.gen_len.append(n)
+        self.min_new.append(p.min_new_tokens)
+        self.decay_start.append(start)
+        self.decay_factor.append(factor)
+        self.needs_eos |= n < p.min_new_tokens - 1 or (factor != 1.0 and n > start)
+        self.seeds.append(row.seed)
+
+
 def build_sampling_batch(
     rows: Sequence[RowState], eos_ids: list[int], vocab_size: int, device: torch.device | str
 ) -> SamplingBatch:
     """Gather the rows' Python state into tensors on `device` (host work, once per step)."""
     eos = sorted({e for e in eos_ids if 0 <= e < vocab_size})
-    temperature, top_p, top_k, greedy = [], [], [], []
-    repetition, frequency, presence = [], [], []
-    gen_len, min_new, decay_start, decay_factor, seeds = [], [], [], [], []
-    token_ids: list[int] = []
-    counts: list[int] = []
-    row_ptr = [0]
-    needs_mask = needs_eos = False
-    max_k = 0  # largest top_k among the masked rows (vocab_size if one of them keeps it all)
+    c = _Columns()
     for row in rows:
-        p = row.params
-        g = p.greedy
-        k = vocab_size if p.top_k == -1 else min(p.top_k, vocab_size)
-        greedy.append(g)
-        temperature.append(1.0 if g else p.temperature)
-        top_k.append(vocab_size if g else k)
-        top_p.append(1.0 if g else p.top_p)
-        if not g and (k < vocab_size or p.top_p < 1.0):
-            needs_mask = True
-            max_k = max(max_k, k)
-        repetition.append(p.repetition_penalty)
-        frequency.append(p.frequency_penalty)
-        presence.append(p.presence_penalty)
-        if p.has_penalties and len(row.counts) > 0:
-            for tok, c in row.counts.items():
-                token_ids.append(tok)
-                counts.append(c)
-        row_ptr.append(len(token_ids))
-        start, factor = p.exponential_decay_length_penalty
-        n = row.generated_len
-        gen_len.append(n)
-        min_new.append(p.min_new_tokens)
-        decay_start.append(start)
-        decay_factor.append(factor)
-        needs_eos |= n < p.min_new_tokens - 1 or (factor != 1.0 and n > start)
-        seeds.append(row.seed)
+        c.add(row, vocab_size)
 
     def t(values: list, dtype: torch.dtype) -> Tensor:
         return torch.tensor(values, dtype=dtype, device=device)
 
     i64, f32 = torch.int64, torch.float32
     return SamplingBatch(
-        temperature=t(temperature, f32),
-        top_p=t(top_p, f32),
-        top_k=t(top_k, i64),
-        greedy=t(greedy, torch.bool),
-        token_ids=t(token_ids, i64),
-        counts=t(counts, torch.int32),
-        row_ptr=t(row_ptr, i64),
-        repetition=t(repetition, f32),
-        frequency=t(frequency, f32),
-        presence=t(presence, f32),
+        temperature=t(c.temperature, f32),
+        top_p=t(c.top_p, f32),
+        top_k=t(c.top_k, i64),
+        greedy=t(c.greedy, torch.bool),
+        token_ids=t(c.token_ids, i64),
+        counts=t(c.counts, torch.int32),
+        row_ptr=t(c.row_ptr, i64),
+        repetition=t(c.repetition, f32),
+        frequency=t(c.frequency, f32),
+        presence=t(c.presence, f32),
         eos_ids=t(eos, i64),
-        generated_len=t(gen_len, i64),
-        min_new_tokens=t(min_new, i64),
-        decay_start=t(decay_start, i64),
-        decay_factor=t(decay_factor, f32),
-        seeds=t(seeds, i64),
-        steps=t(gen_len, i64),
-        all_greedy=all(greedy),
-        needs_penalties=len(token_ids) > 0,
-        needs_eos_shaping=bool(eos) and needs_eos,
-        needs_mask=needs_mask,
-        mask_candidates=min(vocab_size, max(max_k, 64) if max_k < vocab_size else CANDIDATES),
+        generated_len=t(c.gen_len, i64),
+        min_new_tokens=t(c.min_new, i64),
+        decay_start=t(c.decay_start, i64),
+        decay_factor=t(c.decay_factor, f32),
+        seeds=t(c.seeds, i64),
+        steps=t(c.gen_len, i64),
+        all_greedy=all(c.greedy),
+        needs_penalties=len(c.token_ids) > 0,
+        needs_eos_shaping=bool(eos) and c.needs_eos,
+        needs_mask=c.needs_mask,
+        mask_candidates=min(vocab_size, max(c.max_k, 64) if c.max_k < vocab_size else CANDIDATES),
     )
 
 
@@ -264,7 +284,7 @@ class Sampler:
         return self.penalty_backend == "numba" or penalties_numba.available()
 
     def shaped_logits(self, logits: Tensor, batch: SamplingBatch) -> Tensor:
-        """fp32 copy of `logits` after penalties and EOS shaping (spec §4 steps 1-2). [B, V]"""
+        """fp32 copy of `logits` after penalties and EOS shaping (DESIGN.md, "Sampling": steps 1-2). [B, V]"""
         x = logits.to(torch.float32, copy=True).contiguous()  # [B, V]
         if not (batch.needs_penalties or batch.needs_eos_shaping):
             return x
