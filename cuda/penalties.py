@@ -1,4 +1,4 @@
-"""CPU twin (plain torch, any device) of the penalty + EOS-shaping step (spec §4 steps 1-2).
+"""CPU twin (plain torch, any device) of the penalty + EOS-shaping step (DESIGN.md, "Sampling": steps 1-2).
 
 The token counts of a batch of B rows come as CSR: row b owns entries
 `row_ptr[b]:row_ptr[b+1]` of `token_ids`/`counts`; a token appears at most once per row.

@@ -2,7 +2,7 @@
 
 Each step mixes one decode token for every running sequence with prefill chunks (of running
 sequences still prefilling, then of newly admitted ones) up to `batch_max_tokens`. Admission uses
-LightLLM's peak-KV estimate (spec §10); if the optimistic estimate is wrong and the pool runs dry,
+LightLLM's peak-KV estimate (LightLLM §10, DESIGN.md); if the optimistic estimate is wrong and the pool runs dry,
 the youngest running sequence is preempted and recomputed later.
 """
 
@@ -120,7 +120,7 @@ class Scheduler:
         return self.allocator.num_used >= self.cfg.router_token_ratio * self.cfg.capacity_tokens
 
     def _need(self, seq: Seq, busy: bool) -> tuple[int, int]:
-        """(resident tokens a, remaining tokens b) of spec §10."""
+        """(resident tokens a, remaining tokens b) of LightLLM §10 (DESIGN.md)."""
         out = len(seq.output_ids)
         a = max(seq.num_tokens + 1, len(seq.slots) + 1)
         if seq.score_only:

@@ -1,6 +1,6 @@
-"""Sampling parameters of a LightLLM `parameters` dict (spec §3.1), validated strictly.
+"""Sampling parameters of a LightLLM `parameters` dict (LightLLM §3.1, DESIGN.md), validated strictly.
 
-Differences from LightLLM, on purpose (spec §16.5):
+Differences from LightLLM, on purpose (LightLLM §16.5, DESIGN.md):
 
 * Unknown names are rejected (with a "did you mean" hint), except the names in
   `IGNORED_PARAMS` that LightLLM/TGI clients commonly send and that we accept and ignore.
@@ -77,7 +77,7 @@ class ParamError(ValueError):
 
 @dataclass
 class SamplingParams:
-    """Validated sampling parameters of one request (spec §3.1)."""
+    """Validated sampling parameters of one request (LightLLM §3.1, DESIGN.md)."""
 
     do_sample: bool = False
     temperature: float = 1.0
