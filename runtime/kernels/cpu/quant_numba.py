@@ -27,22 +27,17 @@ _DQ = dict(fastmath=False, cache=True, nogil=True, boundscheck=False, error_mode
 
 
 @numba.njit(**_DQ, inline="always")
-def _h(row, p, f16):  # the fp16 at bytes p, p + 1 of a row, as fp32
-    return f16[np.int64(row[p]) | (np.int64(row[p + 1]) << 8)]
-
-
-@numba.njit(**_DQ, inline="always")
 def _i8(c):  # a uint8 byte read as int8, in int32
     v = np.int32(c)
     return v - ((v >> 7) << 8)
 
 
 @numba.njit(**_DQ, inline="always")
-def _scale_min_k4(sc_bytes, j):  # get_scale_min_k4: 6-bit (scale, min) of Q4_K sub-block j
+def _scale_min_k4(w, o, p, j):  # get_scale_min_k4: 6-bit (scale, min) of Q4_K sub-block j
     if j < 4:
-        return np.int32(sc_bytes[j]) & 63, np.int32(sc_bytes[j + 4]) & 63
-    s = (np.int32(sc_bytes[j + 4]) & 0xF) | ((np.int32(sc_bytes[j - 4]) >> 6) << 4)
-    m = (np.int32(sc_bytes[j + 4]) >> 4) | ((np.int32(sc_bytes[j]) >> 6) << 4)
+        return np.int32(w[o, p + j]) & 63, np.int32(w[o, p + j + 4]) & 63
+    s = (np.int32(w[o, p + j + 4]) & 0xF) | ((np.int32(w[o, p + j - 4]) >> 6) << 4)
+    m = (np.int32(w[o, p + j + 4]) >> 4) | ((np.int32(w[o, p + j]) >> 6) << 4)
     return s, m
 
 
@@ -50,147 +45,166 @@ def _scale_min_k4(sc_bytes, j):  # get_scale_min_k4: 6-bit (scale, min) of Q4_K 
 
 
 @numba.njit(**_DQ, inline="always")
-def _unpack_q4(row, p, q, offset):  # 16 bytes -> 32 nibbles (low first), minus `offset`
+def _unpack_q4(w, o, p, q, offset):  # 16 bytes -> 32 nibbles (low first), minus `offset`
     for j in range(16):
-        c = np.int32(row[p + j])
+        c = np.int32(w[o, p + j])
         q[j] = np.float32((c & 15) - offset)
         q[j + 16] = np.float32((c >> 4) - offset)
 
 
 @numba.njit(**_DQ, inline="always")
-def _unpack_q4_k(row, p, q):  # 128 bytes -> 256 nibbles: per 64, low nibbles then high
+def _unpack_q4_k(w, o, p, q):  # 128 bytes -> 256 nibbles: per 64, low nibbles then high
     for g in range(4):
         for j in range(32):
-            c = np.int32(row[p + g * 32 + j])
+            c = np.int32(w[o, p + g * 32 + j])
             q[g * 64 + j] = np.float32(c & 15)
             q[g * 64 + 32 + j] = np.float32(c >> 4)
 
 
 @numba.njit(**_DQ, inline="always")
-def _unpack_q6_k(row, p, q):  # ql[128], qh[64] -> 256 values q - 32
+def _unpack_q6_k(w, o, p, q):  # ql[128], qh[64] -> 256 values q - 32
     for h in range(2):
         for j in range(32):
-            hb = np.int32(row[p + 128 + h * 32 + j])
-            a = np.int32(row[p + h * 64 + j])
-            b = np.int32(row[p + h * 64 + 32 + j])
+            hb = np.int32(w[o, p + 128 + h * 32 + j])
+            a = np.int32(w[o, p + h * 64 + j])
+            b = np.int32(w[o, p + h * 64 + 32 + j])
             q[h * 128 + j] = np.float32(((a & 15) | ((hb & 3) << 4)) - 32)
             q[h * 128 + 32 + j] = np.float32(((b & 15) | (((hb >> 2) & 3) << 4)) - 32)
             q[h * 128 + 64 + j] = np.float32(((a >> 4) | (((hb >> 4) & 3) << 4)) - 32)
             q[h * 128 + 96 + j] = np.float32(((b >> 4) | (((hb >> 6) & 3) << 4)) - 32)
 
 
-# ---- exact mode: fp32 activations, q dotted per block, scales and mins applied per block ----
+# ---- exact mode: fp32 activations times the block's q values, scaled per block ----
+# Sums go into 32 lanes per activation row (`lanes [T, 32]`) and are reduced once per output
+# row: a horizontal sum per block would cost more than the block's multiply-adds.
 
 
-@numba.njit(**_DOT)
-def _dot(x, t, k0, q, q0, n):  # sum_j x[t, k0 + j] * q[q0 + j]
-    s = np.float32(0.0)
+@numba.njit(**_DOT, inline="always")
+def _axpy(lanes, t, l0, scale, x, k0, q, q0, n):  # lanes[t, l0 + j] += scale x[t, k0 + j] q[q0 + j]
     for j in range(n):
-        s += x[t, k0 + j] * q[q0 + j]
-    return s
+        lanes[t, l0 + j] += (scale * x[t, k0 + j]) * q[q0 + j]
 
 
-@numba.njit(**_DOT)
-def _exact_row_32(fmt, row, x, xs, f16, acc, q):  # q4_0 / q4_1 / q8_0: one output row
-    nb = x.shape[1] // 32
-    for b in range(nb):
+@numba.njit(**_DOT, inline="always")
+def _exact_row_32(fmt, w, o, x, xs, f16, lanes, mins, q):  # q4_0 / q4_1 / q8_0: row o
+    # bytes are decoded inside the loop over rows t: a q scratch between them blocks vectorising
+    for b in range(x.shape[1] // 32):
+        k0 = b * 32
         if fmt == 2:
             p = b * 34
-            d = _h(row, 0 + p, f16)
-            for j in range(32):
-                q[j] = np.float32(_i8(row[p + 2 + j]))
-            m = np.float32(0.0)
-        elif fmt == 1:
-            p = b * 20
-            d, m = _h(row, p, f16), _h(row, p + 2, f16)
-            _unpack_q4(row, p + 4, q, 0)
-        else:
-            p = b * 18
-            d, m = _h(row, p, f16), np.float32(0.0)
-            _unpack_q4(row, p + 2, q, 8)
+            d = f16[np.int64(w[o, p]) | (np.int64(w[o, p + 1]) << 8)]
+            for t in range(x.shape[0]):
+                for j in range(32):
+                    lanes[t, j] += (d * x[t, k0 + j]) * np.float32(_i8(w[o, p + 2 + j]))
+            continue
+        off = 0 if fmt == 1 else 8
+        p = b * 20 if fmt == 1 else b * 18
+        d = f16[np.int64(w[o, p]) | (np.int64(w[o, p + 1]) << 8)]
+        m = (
+            f16[np.int64(w[o, p + 2]) | (np.int64(w[o, p + 2 + 1]) << 8)]
+            if fmt == 1
+            else np.float32(0.0)
+        )
+        p += 4 if fmt == 1 else 2
         for t in range(x.shape[0]):
-            acc[t] += d * _dot(x, t, b * 32, q, 0, 32) + m * xs[t, b]
+            for j in range(16):
+                c = np.int32(w[o, p + j])
+                lanes[t, j] += (d * x[t, k0 + j]) * np.float32((c & 15) - off)
+                lanes[t, j + 16] += (d * x[t, k0 + 16 + j]) * np.float32((c >> 4) - off)
+            mins[t] += m * xs[t, b]
 
 
-@numba.njit(**_DOT)
-def _exact_row_k(fmt, row, x, xs, f16, acc, q):  # q4_k / q6_k: one output row
-    nb = x.shape[1] // 256
-    for b in range(nb):
+@numba.njit(**_DOT, inline="always")
+def _exact_row_k(fmt, w, o, x, xs, f16, lanes, mins, q):  # q4_k / q6_k: row o
+    for b in range(x.shape[1] // 256):
         if fmt == 3:
             p = b * 144
-            d, dmin = _h(row, p, f16), _h(row, p + 2, f16)
-            _unpack_q4_k(row, p + 16, q)
+            d, dmin = (
+                f16[np.int64(w[o, p]) | (np.int64(w[o, p + 1]) << 8)],
+                f16[np.int64(w[o, p + 2]) | (np.int64(w[o, p + 2 + 1]) << 8)],
+            )
             for sub in range(8):
-                sc, mn = _scale_min_k4(row[p + 4 : p + 16], sub)
+                sc, mn = _scale_min_k4(w, o, p + 4, sub)
                 ds, dm = d * np.float32(sc), dmin * np.float32(mn)
+                pq, shift, k0 = p + 16 + (sub >> 1) * 32, (sub & 1) * 4, b * 256 + sub * 32
                 for t in range(x.shape[0]):
-                    s = _dot(x, t, b * 256 + sub * 32, q, sub * 32, 32)
-                    acc[t] += ds * s - dm * xs[t, b * 8 + sub]
+                    for j in range(32):
+                        v = np.float32((np.int32(w[o, pq + j]) >> shift) & 15)
+                        lanes[t, j] += (ds * x[t, k0 + j]) * v
+                    mins[t] -= dm * xs[t, b * 8 + sub]
         else:
             p = b * 210
-            d = _h(row, p + 208, f16)
-            _unpack_q6_k(row, p, q)
+            d = f16[np.int64(w[o, p + 208]) | (np.int64(w[o, p + 208 + 1]) << 8)]
+            _unpack_q6_k(w, o, p, q)
             for sub in range(16):
-                ds = d * np.float32(_i8(row[p + 192 + sub]))
+                ds = d * np.float32(_i8(w[o, p + 192 + sub]))
                 for t in range(x.shape[0]):
-                    acc[t] += ds * _dot(x, t, b * 256 + sub * 16, q, sub * 16, 16)
+                    _axpy(lanes, t, (sub & 1) * 16, ds, x, b * 256 + sub * 16, q, sub * 16, 16)
 
 
-# ---- fast mode: activations as int8 per 32-block (scale xd, scaled sum xs), integer dots ----
+# ---- fast mode: activations as int8 per 32-block (scale xd, scaled sum xs), integer products
+# per pair of elements, scaled into 16 fp32 lanes ----
 
 
-@numba.njit(**_DOT)
-def _idot(xq, t, k0, qi):  # sum_j xq[t, k0 + j] * qi[j] over 32, in int32
-    s = np.int32(0)
-    for j in range(32):
-        s += np.int32(xq[t, k0 + j]) * np.int32(qi[j])
-    return s
-
-
-@numba.njit(**_DOT)
-def _fast_row_32(fmt, row, xq, xd, xs, f16, acc, qi):  # q4_0 / q4_1 / q8_0: one output row
-    nb = xq.shape[1] // 32
-    for b in range(nb):
+@numba.njit(**_DOT, inline="always")
+def _fast_row_32(fmt, w, o, xq, xd, xs, f16, lanes, mins):  # q4_0 / q4_1 / q8_0: row o
+    for b in range(xq.shape[1] // 32):
+        k0 = b * 32
         if fmt == 2:
             p = b * 34
-            d, m = _h(row, p, f16), np.float32(0.0)
-            for j in range(32):
-                qi[j] = np.int8(_i8(row[p + 2 + j]))
-        else:
-            off = 0 if fmt == 1 else 8
-            p = b * 20 if fmt == 1 else b * 18
-            d = _h(row, p, f16)
-            m = _h(row, p + 2, f16) if fmt == 1 else np.float32(0.0)
-            p += 4 if fmt == 1 else 2
-            for j in range(16):
-                c = np.int32(row[p + j])
-                qi[j] = np.int8((c & 15) - off)
-                qi[j + 16] = np.int8((c >> 4) - off)
+            d = f16[np.int64(w[o, p]) | (np.int64(w[o, p + 1]) << 8)]
+            for t in range(xq.shape[0]):
+                dd = d * xd[t, b]
+                for j in range(16):
+                    pair = _i8(w[o, p + 2 + j]) * np.int32(xq[t, k0 + j]) + _i8(
+                        w[o, p + 18 + j]
+                    ) * np.int32(xq[t, k0 + 16 + j])
+                    lanes[t, j] += dd * np.float32(pair)
+            continue
+        off = 0 if fmt == 1 else 8
+        p = b * 20 if fmt == 1 else b * 18
+        d = f16[np.int64(w[o, p]) | (np.int64(w[o, p + 1]) << 8)]
+        m = (
+            f16[np.int64(w[o, p + 2]) | (np.int64(w[o, p + 2 + 1]) << 8)]
+            if fmt == 1
+            else np.float32(0.0)
+        )
+        p += 4 if fmt == 1 else 2
         for t in range(xq.shape[0]):
-            acc[t] += d * xd[t, b] * np.float32(_idot(xq, t, b * 32, qi)) + m * xs[t, b]
+            dd = d * xd[t, b]
+            for j in range(16):
+                c = np.int32(w[o, p + j])
+                pair = ((c & 15) - off) * np.int32(xq[t, k0 + j]) + ((c >> 4) - off) * np.int32(
+                    xq[t, k0 + 16 + j]
+                )
+                lanes[t, j] += dd * np.float32(pair)
+            mins[t] += m * xs[t, b]
 
 
-@numba.njit(**_DOT)
+@numba.njit(**_DOT, inline="always")
 def _gemv_rows(fmt, fast, w, x, xq, xd, xs, f16, out, col0, accumulate, r0, r1):
     """Output rows [r0, r1) of `out[:, col0 + o] (+)= x . W[o]`."""
     n_t = x.shape[0]
-    acc = np.zeros(n_t, np.float32)
+    lanes = np.zeros((n_t, 32), np.float32)
+    mins = np.zeros(n_t, np.float32)
     q = np.empty(256, np.float32)
-    qi = np.empty(32, np.int8)
     for o in range(r0, r1):
-        acc[:] = 0
-        row = w[o]
+        lanes[:] = 0
+        mins[:] = 0
         if fast and fmt < 3:
-            _fast_row_32(fmt, row, xq, xd, xs, f16, acc, qi)
+            _fast_row_32(fmt, w, o, xq, xd, xs, f16, lanes, mins)
         elif fmt < 3:
-            _exact_row_32(fmt, row, x, xs, f16, acc, q)
+            _exact_row_32(fmt, w, o, x, xs, f16, lanes, mins, q)
         else:
-            _exact_row_k(fmt, row, x, xs, f16, acc, q)
+            _exact_row_k(fmt, w, o, x, xs, f16, lanes, mins, q)
         for t in range(n_t):
+            s = mins[t]
+            for j in range(32):
+                s += lanes[t, j]
             if accumulate:
-                out[t, col0 + o] += acc[t]
+                out[t, col0 + o] += s
             else:
-                out[t, col0 + o] = acc[t]
+                out[t, col0 + o] = s
 
 
 @numba.njit(**_DOT)
@@ -245,48 +259,55 @@ def act_quantize(x, xq, xd, xs):  # type: ignore[no-untyped-def]
 # ---- dequantization to fp32 (bit-equal to quant.dequantize) ----
 
 
-@numba.njit(**_DQ)
-def _dequant_row(fmt, row, f16, o, q):  # one row of blocks -> o [cols] fp32
+@numba.njit(**_DQ, inline="always")
+def _dequant_row(fmt, w, o, f16, y, i, q):  # row o of W -> y[i] fp32
     if fmt < 3:
-        for b in range(o.shape[0] // 32):
+        for b in range(y.shape[1] // 32):
             if fmt == 2:
                 p = b * 34
-                d = _h(row, p, f16)
+                d = f16[np.int64(w[o, p]) | (np.int64(w[o, p + 1]) << 8)]
                 for j in range(32):
-                    o[b * 32 + j] = np.float32(_i8(row[p + 2 + j])) * d
+                    y[i, b * 32 + j] = np.float32(_i8(w[o, p + 2 + j])) * d
             else:
                 p = b * 20 if fmt == 1 else b * 18
-                d = _h(row, p, f16)
-                m = _h(row, p + 2, f16) if fmt == 1 else np.float32(0.0)
-                _unpack_q4(row, p + 4 if fmt == 1 else p + 2, q, 0 if fmt == 1 else 8)
+                d = f16[np.int64(w[o, p]) | (np.int64(w[o, p + 1]) << 8)]
+                m = (
+                    f16[np.int64(w[o, p + 2]) | (np.int64(w[o, p + 2 + 1]) << 8)]
+                    if fmt == 1
+                    else np.float32(0.0)
+                )
+                _unpack_q4(w, o, p + 4 if fmt == 1 else p + 2, q, 0 if fmt == 1 else 8)
                 for j in range(32):
-                    o[b * 32 + j] = d * q[j] + m if fmt == 1 else d * q[j]
+                    y[i, b * 32 + j] = d * q[j] + m if fmt == 1 else d * q[j]
         return
-    for b in range(o.shape[0] // 256):
+    for b in range(y.shape[1] // 256):
         if fmt == 3:
             p = b * 144
-            d, dmin = _h(row, p, f16), _h(row, p + 2, f16)
-            _unpack_q4_k(row, p + 16, q)
+            d, dmin = (
+                f16[np.int64(w[o, p]) | (np.int64(w[o, p + 1]) << 8)],
+                f16[np.int64(w[o, p + 2]) | (np.int64(w[o, p + 2 + 1]) << 8)],
+            )
+            _unpack_q4_k(w, o, p + 16, q)
             for sub in range(8):
-                sc, mn = _scale_min_k4(row[p + 4 : p + 16], sub)
+                sc, mn = _scale_min_k4(w, o, p + 4, sub)
                 ds, dm = d * np.float32(sc), dmin * np.float32(mn)
                 for j in range(32):
-                    o[b * 256 + sub * 32 + j] = ds * q[sub * 32 + j] - dm
+                    y[i, b * 256 + sub * 32 + j] = ds * q[sub * 32 + j] - dm
         else:
             p = b * 210
-            d = _h(row, p + 208, f16)
-            _unpack_q6_k(row, p, q)
+            d = f16[np.int64(w[o, p + 208]) | (np.int64(w[o, p + 208 + 1]) << 8)]
+            _unpack_q6_k(w, o, p, q)
             for sub in range(16):
-                ds = d * np.float32(_i8(row[p + 192 + sub]))
+                ds = d * np.float32(_i8(w[o, p + 192 + sub]))
                 for j in range(16):
-                    o[b * 256 + sub * 16 + j] = ds * q[sub * 16 + j]
+                    y[i, b * 256 + sub * 16 + j] = ds * q[sub * 16 + j]
 
 
-@numba.njit(**_DQ)
+@numba.njit(**_DQ, inline="always")
 def _dequant_range(fmt, w, ids, f16, out, r0, r1):
     q = np.empty(256, np.float32)
     for i in range(r0, r1):
-        _dequant_row(fmt, w[ids[i]], f16, out[i], q)
+        _dequant_row(fmt, w, ids[i], f16, out, i, q)
 
 
 @numba.njit(**_DQ)
