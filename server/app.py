@@ -25,7 +25,7 @@ from typing import Any
 import trio
 from quart_trio import QuartTrio
 
-from . import generation, routes
+from . import generation, openai_routes, openapi, routes
 from .errors import register_error_handlers
 from .settings import Settings
 from .state import STATE_KEY, EngineLike, ServerState
@@ -145,6 +145,8 @@ def create_app(
     app.extensions[STATE_KEY] = state
     app.register_blueprint(routes.bp)
     app.register_blueprint(generation.bp)
+    app.register_blueprint(openai_routes.bp)
+    app.register_blueprint(openapi.bp)
     register_error_handlers(app)
     factory = engine_factory or build_engine
     hook = on_engine_death or exit_process

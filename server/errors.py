@@ -1,8 +1,11 @@
-"""One JSON error envelope for every failure: `{"message", "field", "type"}`.
+"""One JSON error envelope for every failure: `{"message", "field", "type"}`, or OpenAI's
+`{"error": {"message", "type", "param", "code"}}` under `/v1/`.
 
 `message` is the key LightLLM clients read; 4xx are the client's mistakes (type
 `invalid_request_error`), 503 is overload or a dead engine, 500 is our bug (logged with its
-traceback). Quart's HTML error pages (404, 405, 413, 400) are replaced by this envelope.
+traceback). Quart's HTML error pages (404, 405, 413, 400) are replaced by this envelope. The
+engine's refusals (`QueueFull`, `EngineDead`) are mapped here and nowhere else: routes let them
+propagate (streams raise them before their 200 starts).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
+
+from runtime.engine.api import EngineDead, QueueFull
 
 from .state import get_state
 
@@ -35,8 +40,10 @@ class ApiError(Exception):
         *,
         type_: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
+        self.code = code
         self.status = status
         self.message = message
         self.field = field
@@ -46,6 +53,33 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         """The JSON envelope."""
         return {"message": self.message, "field": self.field, "type": self.type}
+
+    def openai_body(self) -> dict[str, Any]:
+        """OpenAI's envelope (what the `openai` client parses into its exceptions)."""
+        code = self.code
+        if code is None and self.status == 404 and self.field == "path":
+            code = "unknown_url"
+        return {
+            "error": {"message": self.message, "type": self.type, "param": self.field, "code": code}
+        }
+
+
+def busy_error(exc: QueueFull) -> ApiError:
+    """503 + Retry-After for a full waiting queue (LightLLM never rejects, spec §16.3)."""
+    retry_s = max(1, math.ceil(exc.retry_after_s))
+    return ApiError(
+        503,
+        f"server busy: {exc.waiting} requests already waiting (max_waiting_reqs); retry after "
+        f"{retry_s} s",
+        None,
+        type_=BUSY,
+        headers={"Retry-After": str(retry_s)},
+    )
+
+
+def dead_error(exc: BaseException) -> ApiError:
+    """503 for a request refused because the engine died."""
+    return ApiError(503, f"engine failed: {exc}", None, type_=SERVER)
 
 
 def dumps(obj: Any) -> str:
@@ -82,7 +116,13 @@ def error_response(error: ApiError) -> Response:
     if error.status == 413 or _body_unread():
         # The rest of the body will never be read: the connection cannot carry another request.
         headers["Connection"] = "close"
-    return json_response(error.body(), error.status, headers)
+    body = error.openai_body() if is_openai_path() else error.body()
+    return json_response(body, error.status, headers)
+
+
+def is_openai_path() -> bool:
+    """True for the OpenAI-compatible routes (their errors use OpenAI's envelope)."""
+    return request.path.startswith("/v1/") or request.path == "/v1"
 
 
 def _body_unread() -> bool:
@@ -113,6 +153,15 @@ def register_error_handlers(app: Quart) -> None:
     @app.errorhandler(ApiError)
     async def _api_error(error: ApiError) -> Response:
         return error_response(error)
+
+    @app.errorhandler(QueueFull)
+    async def _queue_full(error: QueueFull) -> Response:
+        get_state().counters.request_rejected_busy += 1
+        return error_response(busy_error(error))
+
+    @app.errorhandler(EngineDead)
+    async def _engine_dead(error: EngineDead) -> Response:
+        return error_response(dead_error(error))
 
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException) -> Response:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,10 +9,12 @@ import trio
 from quart import Blueprint, Response, current_app
 
 from runtime.engine.api import EngineDead, ErrorEvent, QueueFull, ScoreEvent, TokenEvent
+from runtime.sampling.params import SamplingParams
 
-from .errors import BUSY, SERVER, ApiError, json_response
+from .errors import SERVER, ApiError, json_response
 from .state import Live, ServerState, get_state
-from .stream import start_stream, stream_response_body, token_dict
+from .stream import StreamJob, start_stream, stream_response_body, token_dict
+from .tracking import track_request
 from .validation import GenerateRequest, read_json_object, validate_generate, validate_score
 
 bp = Blueprint("generation", __name__)
@@ -30,24 +31,6 @@ def live_engine(state: ServerState) -> Live:
     return live
 
 
-def busy_error(exc: QueueFull) -> ApiError:
-    """503 + Retry-After for a full waiting queue (LightLLM never rejects, spec §16.3)."""
-    retry_s = max(1, math.ceil(exc.retry_after_s))
-    return ApiError(
-        503,
-        f"server busy: {exc.waiting} requests already waiting (max_waiting_reqs); retry after "
-        f"{retry_s} s",
-        None,
-        type_=BUSY,
-        headers={"Retry-After": str(retry_s)},
-    )
-
-
-def dead_error(exc: BaseException) -> ApiError:
-    """503 for a request refused because the engine died."""
-    return ApiError(503, f"engine failed: {exc}", None, type_=SERVER)
-
-
 @dataclass
 class _Seq:
     """What /generate collects for one of the n sequences."""
@@ -59,50 +42,58 @@ class _Seq:
     tokens: list[dict[str, Any]] = field(default_factory=list)
 
 
-async def _collect(state: ServerState, live: Live, req: GenerateRequest) -> dict[str, Any]:
-    """Run a request to completion; cancelled (client gone) = aborted in the engine."""
-    seqs = [_Seq() for _ in range(req.n)]
-    prompt_tokens = len(req.prompt_ids)
+@dataclass
+class Collected:
+    """The token events of a finished request, by sequence."""
+
+    events: list[list[TokenEvent]]
+    prompt_tokens: int
+
+
+async def run_request(
+    state: ServerState, live: Live, prompt_ids: list[int], params: SamplingParams
+) -> Collected:
+    """Run a request to completion; cancelled (client gone) = aborted in the engine.
+
+    QueueFull / EngineDead propagate (server.errors answers them)."""
+    n = params.n
+    out = Collected([[] for _ in range(n)], len(prompt_ids))
     finished = 0
-    outcome = "aborted"
-    try:
-        cm = live.engine.generate(req.prompt_ids, req.params)
-        async with cm as events:
-            state.request_started()
-            try:
-                state.counters.request_count += 1
-                state.counters.prompt_tokens += prompt_tokens
-                async for ev in events:
-                    state.progress()
-                    if not isinstance(ev, TokenEvent | ErrorEvent):
-                        continue
-                    if isinstance(ev, ErrorEvent):
-                        outcome = "failure"
-                        msg = ev.message
-                        msg = msg if msg.startswith("engine") else f"engine failed: {msg}"
-                        raise ApiError(503, msg, None, type_=SERVER)
-                    _add(seqs[ev.seq_index], ev, req.return_details)
-                    state.counters.generated_tokens += 1
-                    prompt_tokens = ev.prompt_tokens
-                    if ev.finished:
-                        finished += 1
-                        if finished >= req.n:
-                            break
-                if finished < req.n:
-                    outcome = "failure"
-                    raise ApiError(
-                        503, "the engine ended the request before it finished", None, type_=SERVER
-                    )
-                outcome = "success"
-            finally:
-                state.request_ended()
-                state.counters.count_outcome(outcome)
-    except QueueFull as exc:
-        state.counters.request_rejected_busy += 1
-        raise busy_error(exc) from None
-    except EngineDead as exc:
-        raise dead_error(exc) from None
-    return _response(seqs, prompt_tokens, req)
+    async with live.engine.generate(prompt_ids, params) as events:
+        async with track_request(state, len(prompt_ids)) as rec:
+            async for ev in events:
+                state.progress()
+                if isinstance(ev, ErrorEvent):
+                    rec.outcome = "failure"
+                    msg = ev.message
+                    msg = msg if msg.startswith("engine") else f"engine failed: {msg}"
+                    raise ApiError(503, msg, None, type_=SERVER)
+                if not isinstance(ev, TokenEvent):
+                    continue
+                rec.token(ev.seq_index)
+                out.events[ev.seq_index].append(ev)
+                out.prompt_tokens = ev.prompt_tokens
+                if ev.finished:
+                    finished += 1
+                    if finished >= n:
+                        break
+            if finished < n:
+                rec.outcome = "failure"
+                raise ApiError(
+                    503, "the engine ended the request before it finished", None, type_=SERVER
+                )
+            rec.outcome = "success"
+    return out
+
+
+async def _collect(state: ServerState, live: Live, req: GenerateRequest) -> dict[str, Any]:
+    """The /generate body of a request run to completion."""
+    done = await run_request(state, live, req.prompt_ids, req.params)
+    seqs = [_Seq() for _ in range(req.n)]
+    for seq, events in zip(seqs, done.events, strict=True):
+        for ev in events:
+            _add(seq, ev, req.return_details)
+    return _response(seqs, done.prompt_tokens, req)
 
 
 def _add(seq: _Seq, ev: TokenEvent, details: bool) -> None:
@@ -156,13 +147,12 @@ async def _generate(req: GenerateRequest, state: ServerState, live: Live) -> Res
 
 async def _generate_stream(req: GenerateRequest, state: ServerState) -> Response:
     """Submit, then answer 200 with a body that only reads the producer's channel."""
-    try:
-        job = await start_stream(state, current_app.nursery, req)  # type: ignore[attr-defined]
-    except QueueFull as exc:
-        state.counters.request_rejected_busy += 1
-        raise busy_error(exc) from None
-    except EngineDead as exc:
-        raise dead_error(exc) from None
+    job = await start_stream(state, current_app.nursery, req)  # type: ignore[attr-defined]
+    return sse_response(job)
+
+
+def sse_response(job: StreamJob) -> Response:
+    """The 200 text/event-stream response that reads a started job."""
     response = current_app.response_class(
         stream_response_body(job),
         status=200,
@@ -217,8 +207,6 @@ async def get_score() -> Response:
             None,
         )
     prompts, is_list = validate_score(body, live)
-    state.request_started()
-    outcome = "aborted"
     results: list[ScoreEvent | None] = [None] * len(prompts)
     refused: list[QueueFull | EngineDead] = []
 
@@ -229,27 +217,14 @@ async def get_score() -> Response:
             refused.append(exc)
             scope.cancel()  # the others are aborted: the request fails as a whole
 
-    try:
-        state.counters.request_count += 1
-        state.counters.prompt_tokens += sum(len(ids) for ids in prompts)
+    async with track_request(state, sum(len(ids) for ids in prompts)) as rec:
         async with trio.open_nursery() as nursery:  # a list is scored in the same batch
             for i in range(len(prompts)):
                 nursery.start_soon(score_one, i, nursery.cancel_scope)
         if refused:
-            raise refused[0]
+            raise refused[0]  # answered by server.errors
         state.progress()
-        outcome = "success"
-    except QueueFull as exc:
-        outcome = "busy"
-        state.counters.request_rejected_busy += 1
-        raise busy_error(exc) from None
-    except EngineDead as exc:
-        outcome = "failure"
-        raise dead_error(exc) from None
-    finally:
-        state.request_ended()
-        if outcome != "busy":
-            state.counters.count_outcome(outcome)
+        rec.outcome = "success"
     out = [
         {"score": r.score, "prompt_tokens": r.prompt_tokens, "finish_reason": "stop"}
         for r in results

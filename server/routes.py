@@ -11,12 +11,11 @@ from quart import Blueprint, Response, request
 
 from .errors import ApiError, json_response
 from .generation import live_engine
-from .state import ServerState, get_state, metrics_text
+from .metrics import CONTENT_TYPE, render
+from .state import ServerState, get_state
 from .validation import read_json_object, validate_tokens
 
 bp = Blueprint("routes", __name__)
-
-PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _health(state: ServerState) -> Response:
@@ -102,13 +101,5 @@ async def get_model_name() -> Response:
 
 @bp.get("/metrics")
 async def metrics() -> Response:
-    """Prometheus text with its proper Content-Type (LightLLM sends none, spec §12)."""
-    state = get_state()
-    load = None
-    name = ""
-    live = state.live()
-    if live is not None:
-        name = live.info.model_name
-        if state.dead_reason() is None:
-            load = live.engine.load()
-    return Response(metrics_text(state, load, name), content_type=PROMETHEUS_CONTENT_TYPE)
+    """Prometheus text (prometheus_client, this app's registry) with its proper Content-Type."""
+    return Response(render(get_state().registry), content_type=CONTENT_TYPE)

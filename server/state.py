@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import trio
+from prometheus_client import CollectorRegistry
 from quart import current_app
 
 from runtime.engine.api import LoadFigures, ModelInfo, ScoreEvent
 
+from .metrics import Histograms, new_registry
 from .settings import Settings
 
 
@@ -84,6 +85,11 @@ class ServerState:
     in_flight: int = 0
     last_progress_s: float = 0.0  # trio.current_time() of the last event delivered
     counters: Counters = field(default_factory=Counters)
+    registry: CollectorRegistry = field(init=False, repr=False)
+    histograms: Histograms = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.registry, self.histograms = new_registry(self)
 
     def live(self) -> Live | None:
         """The engine with its info, or None before it loaded."""
@@ -145,120 +151,3 @@ STATE_KEY = "nurserve"
 def get_state() -> ServerState:
     """The ServerState of the current app."""
     return cast(ServerState, current_app.extensions[STATE_KEY])
-
-
-def metrics_text(state: ServerState, load: LoadFigures | None, model_name: str) -> str:
-    """The /metrics body in Prometheus text format 0.0.4 (LightLLM's metric names)."""
-    c = state.counters
-    rows: list[tuple[str, str, str, Sequence[tuple[str, float]]]] = [
-        (
-            "lightllm_request_count",
-            "counter",
-            "generation requests accepted",
-            [("", c.request_count)],
-        ),
-        (
-            "lightllm_request_success",
-            "counter",
-            "generation requests completed",
-            [("", c.request_success)],
-        ),
-        (
-            "lightllm_request_failure",
-            "counter",
-            "generation requests that failed after acceptance (engine error, client gone)",
-            [("", c.request_failure)],
-        ),
-        (
-            "nurserve_request_invalid",
-            "counter",
-            "requests refused with a 4xx",
-            [("", c.request_invalid)],
-        ),
-        (
-            "nurserve_request_rejected_busy",
-            "counter",
-            "requests refused with 503 (queue full)",
-            [("", c.request_rejected_busy)],
-        ),
-        (
-            "nurserve_request_aborted",
-            "counter",
-            "requests aborted because the client left",
-            [("", c.request_aborted)],
-        ),
-        (
-            "nurserve_prompt_tokens_total",
-            "counter",
-            "prompt tokens of accepted requests",
-            [("", c.prompt_tokens)],
-        ),
-        (
-            "nurserve_generated_tokens_total",
-            "counter",
-            "tokens generated",
-            [("", c.generated_tokens)],
-        ),
-        (
-            "nurserve_http_errors_total",
-            "counter",
-            "error responses by status",
-            [(f'{{status="{s}"}}', n) for s, n in sorted(c.http_errors.items())],
-        ),
-        (
-            "nurserve_requests_in_flight",
-            "gauge",
-            "requests inside the engine (HTTP view)",
-            [("", state.in_flight)],
-        ),
-        (
-            "nurserve_engine_up",
-            "gauge",
-            "1 when the engine can serve",
-            [("", 0.0 if state.health_problem() else 1.0)],
-        ),
-    ]
-    steps = getattr(state.engine, "steps_done", None)
-    if isinstance(steps, int):
-        rows.append(
-            ("nurserve_engine_steps_total", "counter", "engine steps completed", [("", steps)])
-        )
-    if load is not None:
-        rows += [
-            ("lightllm_queue_size", "gauge", "requests waiting", [("", load.waiting_reqs)]),
-            ("lightllm_batch_current_size", "gauge", "requests running", [("", load.running_reqs)]),
-            (
-                "nurserve_kv_current_load",
-                "gauge",
-                "KV slots in use / capacity",
-                [("", load.current_load)],
-            ),
-            (
-                "nurserve_kv_dynamic_max_load",
-                "gauge",
-                "estimated KV peak / capacity",
-                [("", load.dynamic_max_load)],
-            ),
-        ]
-    out: list[str] = []
-    for name, kind, help_text, samples in rows:
-        out.append(f"# HELP {name} {help_text}")
-        out.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            out.append(f"{name}{labels} {_num(value)}")
-    out.append("# HELP nurserve_model_info the loaded model")
-    out.append("# TYPE nurserve_model_info gauge")
-    out.append(f'nurserve_model_info{{model_name="{_label(model_name)}"}} 1')
-    return "\n".join(out) + "\n"
-
-
-def _num(value: float) -> str:
-    """A Prometheus sample value."""
-    if isinstance(value, int):
-        return str(value)
-    return repr(float(value))
-
-
-def _label(text: str) -> str:
-    """Escape a Prometheus label value."""
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

@@ -6,6 +6,9 @@ encoded `data:{json}\\n\\n` events into an unbounded memory channel and never bl
 response body is a plain async generator that only reads that channel (no nursery or cancel
 scope around a `yield`); when the client leaves, Quart closes the generator and its
 `finally` cancels the producer, whose exit from `engine.generate` aborts the request.
+
+The wire format is an `Encoder`: `LightLLMEncoder` here, the OpenAI chunks in
+`server.openai_stream`.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import math
 import weakref
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -24,6 +27,7 @@ from runtime.engine.api import EngineDead, ErrorEvent, TokenEvent
 
 from .errors import SERVER, dumps
 from .state import ServerState
+from .tracking import Recorder, track_request
 from .validation import GenerateRequest
 
 log = logging.getLogger("nurserve.server")
@@ -69,6 +73,35 @@ def encode_error_event(message: str, type_: str = SERVER) -> bytes:
     return b"data:" + dumps(obj).encode("utf-8") + b"\n\n"
 
 
+class Encoder(Protocol):
+    """Turns engine events into SSE bytes (b"" = nothing to send yet)."""
+
+    def token(self, ev: TokenEvent) -> bytes: ...
+
+    def error(self, message: str) -> bytes: ...
+
+    def done(self) -> bytes: ...
+
+
+class LightLLMEncoder:
+    """LightLLM's stream: one `data:{json}` per token, no end marker."""
+
+    def __init__(self, n: int) -> None:
+        self.with_index = n > 1
+
+    def token(self, ev: TokenEvent) -> bytes:
+        """The token's event."""
+        return encode_token_event(ev, self.with_index)
+
+    def error(self, message: str) -> bytes:
+        """The error event that ends the stream."""
+        return encode_error_event(message)
+
+    def done(self) -> bytes:
+        """Nothing: the last token event says `finished`."""
+        return b""
+
+
 @dataclass
 class StreamJob:
     """The link between a producer task and its response body."""
@@ -85,12 +118,15 @@ class StreamJob:
 
 
 async def start_stream(
-    state: ServerState, nursery: trio.Nursery, req: GenerateRequest
+    state: ServerState,
+    nursery: trio.Nursery,
+    req: GenerateRequest,
+    encoder: Encoder | None = None,
 ) -> StreamJob:
     """Submit a streamed request; raises QueueFull/EngineDead before anything is sent."""
     send, receive = trio.open_memory_channel[bytes](math.inf)
     job = StreamJob(send, receive)
-    await nursery.start(_produce, state, req, job)
+    await nursery.start(_produce, state, req, job, encoder or LightLLMEncoder(req.n))
     return job
 
 
@@ -98,6 +134,7 @@ async def _produce(
     state: ServerState,
     req: GenerateRequest,
     job: StreamJob,
+    encoder: Encoder,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -106,31 +143,35 @@ async def _produce(
     if live is None:
         raise EngineDead("the engine is not running")
     started = False
-    outcome = "aborted"
     try:
         with job.scope:
             async with live.engine.generate(req.prompt_ids, req.params) as events:
-                state.request_started()
-                started = True
-                state.counters.request_count += 1
-                state.counters.prompt_tokens += len(req.prompt_ids)
-                task_status.started()
-                outcome = await _pump(state, req, events, job)
+                async with track_request(state, len(req.prompt_ids)) as rec:
+                    started = True
+                    task_status.started()
+                    try:
+                        rec.outcome = await _pump(rec, req, events, job, encoder)
+                    except Exception as exc:
+                        rec.outcome = "failure"
+                        _fail(job, encoder, exc)
     except Exception as exc:
         if not started:
             raise
-        log.exception("streamed request failed")
-        outcome = "failure"
-        _push(job, encode_error_event(f"internal error: {type(exc).__name__}: {exc}"))
+        _fail(job, encoder, exc)
     finally:
-        if started:
-            state.request_ended()
-            state.counters.count_outcome(outcome)
         job.send.close()
+
+
+def _fail(job: StreamJob, encoder: Encoder, exc: Exception) -> None:
+    """Log an unexpected failure and end the stream with an error event."""
+    log.exception("streamed request failed", exc_info=exc)
+    _push(job, encoder.error(f"internal error: {type(exc).__name__}: {exc}"))
 
 
 def _push(job: StreamJob, data: bytes) -> bool:
     """Queue bytes for the client; False when the client is gone."""
+    if not data:
+        return True
     try:
         job.send.send_nowait(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -139,33 +180,34 @@ def _push(job: StreamJob, data: bytes) -> bool:
 
 
 async def _pump(
-    state: ServerState,
+    rec: Recorder,
     req: GenerateRequest,
     events: trio.MemoryReceiveChannel[Any],
     job: StreamJob,
+    encoder: Encoder,
 ) -> str:
     """Forward events until every sequence finished; returns the outcome for the counters."""
     n = req.n
     finished = 0
     give_up_at = trio.current_time() + CONSUMER_START_TIMEOUT_S
     async for ev in events:
-        state.progress()
+        rec.state.progress()
         if isinstance(ev, ErrorEvent):
-            _push(job, encode_error_event(ev.message))
+            _push(job, encoder.error(ev.message))
             return "failure"
         if not isinstance(ev, TokenEvent):
             continue
-        state.counters.generated_tokens += 1
-        if not _push(job, encode_token_event(ev, n > 1)):
+        rec.token(ev.seq_index)
+        if not _push(job, encoder.token(ev)):
             return "aborted"
         if ev.finished:
             finished += 1
             if finished >= n:
-                return "success"
+                return "success" if _push(job, encoder.done()) else "aborted"
         if not job.consumer_started and trio.current_time() > give_up_at:
             log.warning("stream never read by its client; aborting the request")
             return "aborted"
-    _push(job, encode_error_event("the engine ended the request before it finished"))
+    _push(job, encoder.error("the engine ended the request before it finished"))
     return "failure"
 
 
