@@ -25,7 +25,9 @@ float32: Any = None  # numba.float32, likewise
 
 @functools.cache
 def _kernel() -> Any:
-    """Compile-on-first-launch kernel (cached)."""
+    """Compile-on-first-launch kernel (cached). Over 60 lines on purpose: the CUDA kernel is one
+    function (a device function per step would cost registers), defined after `numba.cuda`
+    imports (optional) and against the simulator's `cuda` when NUMBA_ENABLE_CUDASIM is set."""
     import math
 
     global cuda, float32

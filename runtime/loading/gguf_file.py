@@ -213,10 +213,60 @@ def _spm_merges(vocab: dict[str, int], scores: list[float]) -> list[tuple[str, s
     return [(a, b) for a, b, _ in merges]
 
 
+def _gpt2_tokenizer(
+    meta: dict[str, Any], vocab: dict[str, int], path: Path
+) -> tuple[Any, list[Any], bool]:
+    """Byte-level BPE ("gpt2"): (tokenizer, post-processors, BOS by default)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, processors
+    from tokenizers import pre_tokenizers as pt
+
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre in _PRE_DIGITS:
+        pre_tok: Any = pt.Sequence(
+            [pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]
+        )
+    elif pre in _PRE_GPT2:
+        pre_tok = pt.ByteLevel(add_prefix_space=False)
+    elif pre in _PRE_LLAMA3:
+        pre_tok = pt.Sequence(
+            [
+                pt.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pt.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    else:
+        raise ValueError(f"{path}: unsupported tokenizer.ggml.pre {pre!r}")
+    merges = [tuple(m.split(" ", 1)) for m in _req(meta, "tokenizer.ggml.merges", path)]
+    tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in _PRE_LLAMA3))
+    tok.pre_tokenizer = pre_tok
+    tok.decoder = decoders.ByteLevel()
+    return tok, [processors.ByteLevel(trim_offsets=False)], pre in _PRE_LLAMA3
+
+
+def _spm_tokenizer(
+    meta: dict[str, Any], vocab: dict[str, int], tokens: list[str], ids: dict[str, int], path: Path
+) -> tuple[Any, list[Any], bool]:
+    """Sentencepiece BPE ("llama"): (tokenizer, post-processors, BOS by default)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = list(_req(meta, "tokenizer.ggml.scores", path))
+    unk = tokens[ids["unk"]] if "unk" in ids else None
+    tok = Tokenizer(
+        models.BPE(
+            vocab, _spm_merges(vocab, scores), unk_token=unk, fuse_unk=True, byte_fallback=True
+        )
+    )
+    space = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    norm = [normalizers.Replace(" ", "\u2581")]
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), *norm] if space else norm)
+    dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence([*dec, decoders.Strip(" ", 1, 0)] if space else dec)
+    return tok, [], True
+
+
 def _build_tokenizer(meta: dict[str, Any], path: Path) -> tuple[Any, bool, bool]:
     """(`tokenizers.Tokenizer`, add_bos, add_eos) from the `tokenizer.ggml.*` metadata."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
-    from tokenizers import pre_tokenizers as pt
+    from tokenizers import AddedToken, processors
 
     kind = _req(meta, "tokenizer.ggml.model", path)
     tokens = list(_req(meta, "tokenizer.ggml.tokens", path))
@@ -227,46 +277,10 @@ def _build_tokenizer(meta: dict[str, Any], path: Path) -> tuple[Any, bool, bool]
             tokens[i] = t = f"<unused_dup_{i}>"
         vocab[t] = i
     ids = _special_ids(meta)
-    pre = meta.get("tokenizer.ggml.pre", "default")
     if kind == "gpt2":
-        if pre in _PRE_DIGITS:
-            pre_tok: Any = pt.Sequence(
-                [pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]
-            )
-        elif pre in _PRE_GPT2:
-            pre_tok = pt.ByteLevel(add_prefix_space=False)
-        elif pre in _PRE_LLAMA3:
-            pre_tok = pt.Sequence(
-                [
-                    pt.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-                    pt.ByteLevel(add_prefix_space=False, use_regex=False),
-                ]
-            )
-        else:
-            raise ValueError(f"{path}: unsupported tokenizer.ggml.pre {pre!r}")
-        merges = [tuple(m.split(" ", 1)) for m in _req(meta, "tokenizer.ggml.merges", path)]
-        tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in _PRE_LLAMA3))
-        tok.pre_tokenizer = pre_tok
-        tok.decoder = decoders.ByteLevel()
-        post: list[Any] = [processors.ByteLevel(trim_offsets=False)]
-        add_bos_default = pre in _PRE_LLAMA3
+        tok, post, add_bos_default = _gpt2_tokenizer(meta, vocab, path)
     elif kind == "llama":
-        scores = list(_req(meta, "tokenizer.ggml.scores", path))
-        unk = tokens[ids["unk"]] if "unk" in ids else None
-        tok = Tokenizer(
-            models.BPE(
-                vocab, _spm_merges(vocab, scores), unk_token=unk, fuse_unk=True, byte_fallback=True
-            )
-        )
-        space = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
-        norm = [normalizers.Replace(" ", "\u2581")]
-        tok.normalizer = normalizers.Sequence(
-            [normalizers.Prepend("\u2581"), *norm] if space else norm
-        )
-        dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-        tok.decoder = decoders.Sequence([*dec, decoders.Strip(" ", 1, 0)] if space else dec)
-        post = []
-        add_bos_default = True
+        tok, post, add_bos_default = _spm_tokenizer(meta, vocab, tokens, ids, path)
     else:
         raise ValueError(
             f"{path}: unsupported tokenizer.ggml.model {kind!r} (supported: gpt2, llama)"

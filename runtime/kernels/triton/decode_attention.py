@@ -74,7 +74,11 @@ def available() -> bool:
 # fmt: off
 @functools.cache
 def _kernels() -> tuple[Any, Any]:
-    """Define (JIT-compile lazily) the two Triton kernels; argument lists kept dense on purpose."""
+    """Define (JIT-compile lazily) the two Triton kernels; argument lists kept dense on purpose.
+
+    Over 60 lines on purpose: both kernels and their helper must be defined after `import
+    triton` (it is optional: the module imports without it) and together, under the interpreter
+    setting in force when they are first built (`TRITON_INTERPRET`, Triton's own switch)."""
     global _block_step
     import triton
     import triton.language as tl
