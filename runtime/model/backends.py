@@ -7,8 +7,8 @@ call. `runtime.model.assemble` applies them, and the packed projections, to a lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,17 +30,9 @@ class BackendSettings:
     gpu_attention: str = "triton"  # triton: split-K decode kernel; torch: gather + SDPA
 
 
-class Rotary(Protocol):
-    def __call__(
-        self,
-        qkv: Tensor,  # [T, (nh + 2 nkv) hd]
-        cos: Tensor,  # [T, 1, hd]
-        sin: Tensor,  # [T, 1, hd]
-        out_slots: Tensor,  # [T]
-        k_cache: Tensor,  # [S, nkv, hd]
-        v_cache: Tensor,  # [S, nkv, hd]
-        n_heads: int,
-    ) -> Tensor: ...  # q [T, nh, hd]
+# (qkv [T, (nh + 2 nkv) hd], cos, sin [T, 1, hd], out_slots [T], k_cache, v_cache [S, nkv, hd],
+#  n_heads) -> q [T, nh, hd]; k and v are stored at out_slots
+Rotary = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, int], Tensor]
 
 
 def torch_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
