@@ -111,6 +111,7 @@ class SamplingBatch:
     seeds: Tensor  # [B] int64, in [0, 2**63)
     steps: Tensor  # [B] int64, the draw counter (= generated_len)
     all_greedy: bool = False
+    any_greedy: bool = False
     needs_penalties: bool = False  # N > 0
     needs_eos_shaping: bool = False  # some EOS logit changes this step
     needs_mask: bool = False  # some sampled row has top_k < V or top_p < 1
@@ -201,6 +202,7 @@ def build_sampling_batch(
         seeds=t(c.seeds, i64),
         steps=t(c.gen_len, i64),
         all_greedy=all(c.greedy),
+        any_greedy=any(c.greedy),
         needs_penalties=len(c.token_ids) > 0,
         needs_eos_shaping=bool(eos) and c.needs_eos,
         needs_mask=c.needs_mask,
@@ -309,19 +311,18 @@ class Sampler:
 
     def sample(self, logits: Tensor, batch: SamplingBatch) -> tuple[Tensor, Tensor]:
         """(token_ids [B] int64, logprobs [B] fp32); logprob = log p(token) after penalties and
-        temperature, before top-k/top-p. `logits` [B, V] is not modified."""
+        temperature, before top-k/top-p. `logits` [B, V] is not modified.
+
+        Full [B, V] passes only where needed: no copy without penalties or EOS shaping; greedy
+        batches: argmax + logsumexp; sampled: temperature, logsumexp, the top candidates."""
+        shaping = batch.needs_penalties or batch.needs_eos_shaping
+        x = self.shaped_logits(logits, batch) if shaping else logits.float()  # [B, V]
         if batch.all_greedy:
-            x = (
-                logits.float()
-                if not (batch.needs_penalties or batch.needs_eos_shaping)
-                else self.shaped_logits(logits, batch)
-            )  # [B, V]
             tokens = x.argmax(dim=-1)  # [B]
             chosen = x.gather(1, tokens[:, None])[:, 0]  # [B]
             return tokens, chosen - torch.logsumexp(x, dim=-1)
 
-        x = self.shaped_logits(logits, batch)  # [B, V]
-        xt = x / batch.temperature[:, None]  # [B, V]
+        xt = x / batch.temperature[:, None]  # [B, V] (a new tensor: `logits` stays as it was)
         lse = torch.logsumexp(xt, dim=-1)  # [B]
         u = row_uniforms(batch.seeds, batch.steps)  # [B] fp64
         drawn = None
@@ -332,7 +333,7 @@ class Sampler:
             if batch.needs_mask:
                 probs = probs * topk_topp_mask(probs, batch.top_k, batch.top_p)  # [B, V]
             drawn = sample_inverse_cdf(probs, u)  # [B]
-        tokens = torch.where(batch.greedy, x.argmax(dim=-1), drawn)  # [B]
+        tokens = torch.where(batch.greedy, x.argmax(dim=-1), drawn) if batch.any_greedy else drawn
         return tokens, xt.gather(1, tokens[:, None])[:, 0] - lse
 
 
