@@ -3,7 +3,8 @@
 
 Point it at any server that speaks LightLLM's native `POST /generate_stream` (`--backend nurserve`)
 or OpenAI's streaming `POST /v1/completions` (`--backend openai`: llama.cpp's `llama-server`, vLLM,
-SGLang, nurserve's own OpenAI route):
+SGLang, nurserve's own OpenAI route) or OpenAI's streaming `POST /v1/chat/completions`
+(`--backend openai-chat`, bench_chat_backend.py):
 
     python profiling/bench_serving.py --backend nurserve --base-url http://127.0.0.1:8080 \\
         --concurrency 1 8 32 --output-len 128 --result-json out.json --plot-dir plots/
@@ -68,6 +69,7 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from bench_backends import BACKENDS  # noqa: E402  (profiling/ is not a package)
+from bench_chat_backend import request_openai_chat  # noqa: E402
 from bench_machine import (  # noqa: E402
     DEFAULT_QUIET_THRESHOLD,
     CpuMonitor,
@@ -77,6 +79,8 @@ from bench_machine import (  # noqa: E402
 from bench_metrics import RequestResult, compute_metrics, parse_goodput  # noqa: E402
 from bench_prompts import build_prompts  # noqa: E402
 from bench_report import format_summary, make_plots  # noqa: E402
+
+BACKENDS.setdefault("openai-chat", ("/v1/chat/completions", request_openai_chat))
 
 # --------------------------------------------------------------------------------------------
 # running a level
