@@ -330,7 +330,7 @@ MALFORMED: list[tuple[str, str, Any, int, str]] = [
     ("POST", "/token_load", None, 405, "GET"),
     ("PATCH", "/tokens", None, 405, "PATCH"),
     ("GET", "/nope", None, 404, "/nope"),
-    ("POST", "/v1/chat/completions", {"messages": []}, 404, "/v1/chat/completions"),
+    ("POST", "/v2/chat/completions", {"messages": []}, 404, "/v2/chat/completions"),
     ("GET", "/generate/extra", None, 404, "/generate/extra"),
     ("POST", "/generate", b"", 400, "empty"),
     ("POST", "/generate", b"   ", 400, "empty"),
