@@ -10,9 +10,17 @@ from runtime.engine.scheduler import Scheduler, SchedulerConfig, Seq, SeqStatus
 
 
 def make(
-    capacity: int = 1000, batch_tokens: int = 64, max_reqs: int = 8, ratio: float = 0.0
+    capacity: int = 1000,
+    batch_tokens: int = 64,
+    max_reqs: int = 8,
+    ratio: float = 0.0,
+    prefix_cache: bool = False,
 ) -> Scheduler:
-    return Scheduler(SchedulerConfig(capacity, batch_tokens, max_reqs, router_token_ratio=ratio))
+    """A scheduler; without the prefix cache unless asked (tests/test_prefix_cache.py covers it)."""
+    cfg = SchedulerConfig(
+        capacity, batch_tokens, max_reqs, router_token_ratio=ratio, prefix_cache=prefix_cache
+    )
+    return Scheduler(cfg)
 
 
 def run_step(s: Scheduler, next_token: int = 7) -> list[Seq]:

@@ -24,6 +24,7 @@ class TokenEvent:
     prompt_tokens: int
     finished: bool = False
     finish_reason: FinishReason | None = None
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (cache_n)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ScoreEvent:
 
     score: float
     prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class LoadFigures:
     dynamic_max_load: float
     running_reqs: int = 0
     waiting_reqs: int = 0
+    cached_tokens: int = 0  # KV slots the prefix cache owns (held by requests or not)
+    prefix_queried_tokens: int = 0  # counter: tokens of admitted sequences looked up in the cache
+    prefix_hit_tokens: int = 0  # counter: of those, found there (prefill skipped)
 
 
 @dataclass

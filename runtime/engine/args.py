@@ -39,4 +39,5 @@ class EngineArgs:
     gpu_attention: str = "triton"  # triton | torch
     reward_kernel: str = "cupy"  # cupy | torch
     no_warmup: bool = False
+    disable_dynamic_prompt_cache: bool = False  # LightLLM's flag: no prefix cache
     fault_inject_step: int | None = None  # tests: raise inside the step loop at this step

@@ -95,6 +95,7 @@ class EngineCore:
                 running_max_req_size=args.running_max_req_size,
                 router_token_ratio=args.router_token_ratio,
                 router_max_new_token_len=args.router_max_new_token_len,
+                prefix_cache=not args.disable_dynamic_prompt_cache,
             )
         )
         self._inbox: deque[tuple[str, Request]] = deque()
@@ -201,7 +202,8 @@ class EngineCore:
         for c, score in zip(chunks, scores.tolist(), strict=True):
             st = _state(c.seq)
             self._finish(c.seq)
-            events.append((st.req, ScoreEvent(float(score), len(c.seq.prompt_ids))))
+            ev = ScoreEvent(float(score), len(c.seq.prompt_ids), c.seq.cached_tokens)
+            events.append((st.req, ev))
         return events
 
     def _sampled(self, plan: StepPlan, hidden: Tensor) -> list[tuple[Request, Event]]:
@@ -262,6 +264,7 @@ class EngineCore:
             prompt_tokens=len(seq.prompt_ids),
             finished=reason is not None,
             finish_reason=reason,
+            cached_tokens=seq.cached_tokens,
         )
         return st.req, event
 

@@ -4,6 +4,11 @@ Each step mixes one decode token for every running sequence with prefill chunks 
 sequences still prefilling, then of newly admitted ones) up to `batch_max_tokens`. Admission uses
 LightLLM's peak-KV estimate (LightLLM §10, DESIGN.md); if the optimistic estimate is wrong and the pool runs dry,
 the youngest running sequence is preempted and recomputed later.
+
+With the prefix cache (`runtime.engine.prefix_cache`), an admitted sequence attaches its longest
+cached prefix (at most all but its last token, whose logits it needs) and prefills the rest; the
+K/V it computes is published into the tree after each prefill chunk and when it finishes, so
+later requests (and its own siblings, which wait for that) share the slots.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from runtime.engine.api import LoadFigures
+from runtime.engine.prefix_cache import Node, PrefixCache, common_prefix
 from runtime.engine.slots import SlotAllocator
 
 
@@ -38,6 +44,9 @@ class Seq:
     num_computed: int = 0  # tokens whose K/V are in the pool
     status: SeqStatus = SeqStatus.WAITING
     aborted: bool = False
+    prefix_node: Node | None = None  # the prefix-cache node this sequence holds
+    prefix_len: int = 0  # slots[:prefix_len] belong to the prefix cache, the rest to us
+    cached_tokens: int = 0  # prompt tokens attached from the cache when the first token came
     payload: object = None  # the engine's per-sequence state (sampling, detokenizer, request)
 
     @property
@@ -82,24 +91,28 @@ class SchedulerConfig:
     running_max_req_size: int
     router_token_ratio: float = 0.9
     router_max_new_token_len: int = 1024
+    prefix_cache: bool = True  # False: --disable_dynamic_prompt_cache
 
 
 class Scheduler:
-    """Owns the waiting queue, the running batch and the slot allocator."""
+    """Owns the waiting queue, the running batch, the slot allocator and the prefix cache."""
 
     def __init__(self, cfg: SchedulerConfig) -> None:
         self.cfg = cfg
-        self.allocator = SlotAllocator(cfg.capacity_tokens)
+        self.cache = PrefixCache() if cfg.prefix_cache else None
+        self.allocator = SlotAllocator(cfg.capacity_tokens, self.cache)
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self._dynamic_load = 0.0
+        self.prefix_queried_tokens = 0  # tokens of admitted sequences looked up in the cache
+        self.prefix_hit_tokens = 0  # of those, found there (their prefill was skipped)
 
     # ---- queue operations -------------------------------------------------------------
     def add(self, seq: Seq) -> None:
         self.waiting.append(seq)
 
     def finish(self, seq: Seq) -> None:
-        """Finished or aborted: free its slots at once."""
+        """Finished or aborted: publish the K/V it computed (not if aborted), free the rest."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
@@ -107,22 +120,70 @@ class Scheduler:
                 self.waiting.remove(seq)
             except ValueError:
                 pass
-        self.allocator.free(seq.slots)
-        seq.slots = []
+        if not seq.aborted:
+            self._publish(seq)
+        self._release(seq)
         seq.status = SeqStatus.FINISHED
 
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # ---- the prefix cache ---------------------------------------------------------------
+    def _attach(self, seq: Seq) -> None:
+        """Take the longest cached prefix of `seq` (all but its last token at most)."""
+        if self.cache is None:
+            return
+        node, slots = self.cache.match(seq.all_ids, seq.num_tokens - 1)
+        self.cache.lock(node)
+        seq.prefix_node, seq.prefix_len = node, len(slots)
+        seq.slots, seq.num_computed = slots, len(slots)
+
+    def _publish(self, seq: Seq) -> None:
+        """Hand the K/V `seq` computed (`num_computed` tokens, no more) to the tree.
+
+        Where the tree already had those tokens (another sequence published them first), the
+        tree's slots replace ours and ours go back to the free list."""
+        if self.cache is None or seq.prefix_node is None or seq.num_computed <= seq.prefix_len:
+            return
+        lo, hi = seq.prefix_len, seq.num_computed
+        node, tree_slots, dup = self.cache.insert(
+            seq.prefix_node, seq.all_ids[lo:hi], seq.slots[lo:hi]
+        )
+        self.allocator.free(dup)
+        seq.slots[lo:hi] = tree_slots
+        self.cache.lock(node)
+        self.cache.unlock(seq.prefix_node)
+        seq.prefix_node, seq.prefix_len = node, hi
+
+    def _release(self, seq: Seq) -> None:
+        """Drop the hold on the cached prefix and free the slots the sequence owns."""
+        if self.cache is not None and seq.prefix_node is not None:
+            self.cache.unlock(seq.prefix_node)
+        self.allocator.free(seq.slots[seq.prefix_len :])
+        seq.slots, seq.prefix_node, seq.prefix_len = [], None, 0
+
+    def _waits_for_inflight(self, seq: Seq) -> bool:
+        """A running sequence is prefilling more of `seq`'s prefix than the cache holds: let it
+        publish first (the n sequences of one request share their prompt's slots this way)."""
+        if self.cache is None:
+            return False
+        ids, limit = seq.all_ids, seq.num_tokens - 1
+        for other in self.running:
+            if other.prefilling and other.prompt_ids[:1] == ids[:1]:
+                if common_prefix(ids, other.all_ids, limit) > seq.prefix_len:
+                    return True
+        return False
+
     # ---- the LightLLM estimate --------------------------------------------------------
     def _busy(self) -> bool:
         return self.allocator.num_used >= self.cfg.router_token_ratio * self.cfg.capacity_tokens
 
     def _need(self, seq: Seq, busy: bool) -> tuple[int, int]:
-        """(resident tokens a, remaining tokens b) of LightLLM §10 (DESIGN.md)."""
+        """(resident tokens a, remaining tokens b) of LightLLM §10 (DESIGN.md); a leaves out
+        the cached prefix, which `peak_tokens` counts once for all its holders."""
         out = len(seq.output_ids)
-        a = max(seq.num_tokens + 1, len(seq.slots) + 1)
+        a = max(seq.num_tokens + 1, len(seq.slots) + 1) - seq.prefix_len
         if seq.score_only:
             return a, 0
         if busy or seq.ignore_eos:
@@ -133,13 +194,13 @@ class Scheduler:
         return a, max(b, 0) + 6
 
     def peak_tokens(self, seqs: Iterable[Seq], busy: bool) -> int:
-        """max_i (b_i (i + 1) + sum_{j<=i} a_j) with b sorted descending."""
+        """held cache slots + max_i (b_i (i + 1) + sum_{j<=i} a_j) with b sorted descending."""
         needs = sorted((self._need(s, busy) for s in seqs), key=lambda ab: -ab[1])
         peak, acc = 0, 0
         for i, (a, b) in enumerate(needs):
             acc += a
             peak = max(peak, b * (i + 1) + acc)
-        return peak
+        return peak + (self.cache.locked_tokens if self.cache is not None else 0)
 
     def load(self) -> LoadFigures:
         cap = self.cfg.capacity_tokens
@@ -149,6 +210,9 @@ class Scheduler:
             dynamic_max_load=self._dynamic_load,
             running_reqs=len(self.running),
             waiting_reqs=len(self.waiting),
+            cached_tokens=self.cache.total_tokens if self.cache is not None else 0,
+            prefix_queried_tokens=self.prefix_queried_tokens,
+            prefix_hit_tokens=self.prefix_hit_tokens,
         )
 
     # ---- one step ---------------------------------------------------------------------
@@ -167,22 +231,43 @@ class Scheduler:
             if seq.prefilling and budget > 0:
                 budget -= self._plan_prefill(seq, budget, prefill)
         busy = self._busy()
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.running_max_req_size:
-            seq = self.waiting[0]
-            if seq.aborted:
-                self.waiting.popleft()
-                continue
-            peak = self.peak_tokens([*self.running, seq], busy)
-            if peak >= self.cfg.capacity_tokens and self.running:
+        for seq in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.cfg.running_max_req_size:
                 break
-            if seq.num_tokens + 1 > self.allocator.num_free:
+            admitted = self._admit(seq, busy)
+            if admitted is None:
+                continue  # it waits for a running sequence to publish its prefix
+            if not admitted:
                 break
-            self.waiting.popleft()
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
             budget -= self._plan_prefill(seq, budget, prefill)
         self._dynamic_load = self.peak_tokens(self.running, busy) / self.cfg.capacity_tokens
         return StepPlan(decode + prefill, len(decode))
+
+    def _admit(self, seq: Seq, busy: bool) -> bool | None:
+        """Move `seq` to running if the estimate allows: True, False (no room), None (wait)."""
+        if seq.aborted:
+            self.waiting.remove(seq)
+            return None
+        self._attach(seq)
+        if self._waits_for_inflight(seq):
+            self._release(seq)
+            seq.num_computed = 0
+            return None
+        peak = self.peak_tokens([*self.running, seq], busy)
+        short = seq.num_tokens - seq.num_computed + 1 > self.allocator.num_free
+        if (peak >= self.cfg.capacity_tokens and self.running) or short:
+            self._release(seq)
+            seq.num_computed = 0
+            return False
+        if self.cache is not None:
+            self.prefix_queried_tokens += seq.num_tokens
+            self.prefix_hit_tokens += seq.num_computed
+        if not seq.output_ids:
+            seq.cached_tokens = seq.num_computed
+        self.waiting.remove(seq)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        return True
 
     def _plan_prefill(self, seq: Seq, budget: int, out: list[ScheduledChunk]) -> int:
         """Schedule the next prefill chunk of `seq` within `budget` tokens; returns its length."""
@@ -197,19 +282,25 @@ class Scheduler:
         return length
 
     def _make_room_for_decode(self) -> None:
-        """Preempt the youngest running sequences while the pool cannot give every decode a slot."""
+        """Preempt the youngest running sequences while the pool cannot give every decode a slot.
+
+        A victim's computed K/V goes to the prefix cache: unheld, it counts as free, and if it
+        is not evicted meanwhile the victim attaches it again on readmission."""
         while self.running:
             need = sum(1 for s in self.running if not s.prefilling)
             if need <= self.allocator.num_free:
                 return
             victim = self.running.pop()
-            self.allocator.free(victim.slots)
-            victim.slots = []
-            victim.num_computed = 0  # recompute prompt + output on readmission
+            self._publish(victim)
+            self._release(victim)
+            victim.num_computed = 0  # recompute what the cache no longer has on readmission
             victim.status = SeqStatus.WAITING
             self.waiting.appendleft(victim)
 
     def commit(self, plan: StepPlan) -> None:
-        """After the forward: the planned tokens' K/V are now in the pool."""
-        for c in plan.chunks:
+        """After the forward: the planned tokens' K/V are in the pool; prefill chunks publish
+        theirs into the prefix cache at once (decoded tokens when the sequence finishes)."""
+        for i, c in enumerate(plan.chunks):
             c.seq.num_computed = c.start + c.length
+            if i >= plan.num_decode:
+                self._publish(c.seq)
