@@ -84,6 +84,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("disable_cudagraph", "bool", "run decode eagerly (no CUDA graphs)", engine=True),
     Option(
+        "disable_dynamic_prompt_cache",
+        "bool",
+        "do not reuse the KV of cached prompt prefixes (the radix-tree prefix cache is on by default)",
+        engine=True,
+    ),
+    Option(
         "graph_max_batch_size", "int", "largest decode batch captured in a CUDA graph", engine=True
     ),
     Option(

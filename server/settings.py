@@ -37,6 +37,7 @@ class Settings:
     max_waiting_reqs: int | None = None
     eos_id: list[int] | None = None
     disable_cudagraph: bool | None = None
+    disable_dynamic_prompt_cache: bool | None = None
     graph_max_batch_size: int | None = None
     graph_max_len_in_batch: int | None = None
     device: str | None = None
