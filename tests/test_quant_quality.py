@@ -12,8 +12,8 @@ import torch
 from runtime.engine.args import EngineArgs
 from runtime.engine.loader import load_model_for
 from runtime.kernels.cpu.quant_linear import QuantLinear
-from runtime.loading.gguf_weights import weight_bytes
 from runtime.model.llama import CausalLM
+from runtime.model.memory import weight_bytes
 from runtime.text.tokenizer import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "profiling"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from runtime.engine.args import EngineArgs
 from runtime.kernels.cpu import linear as cpu_linear
 from runtime.loading.default_model import GGUF_COPY
-from runtime.loading.gguf_weights import build_quantized, quantize_dense, read_weights, weight_bytes
+from runtime.loading.gguf_weights import build_quantized, quantize_dense, read_weights
 from runtime.loading.hf_folder import load_model, resolve_dtype
 from runtime.model.assemble import assemble
 from runtime.model.backends import BackendSettings, select_backends
@@ -21,6 +22,7 @@ from runtime.model.config import CheckpointError, ModelConfig
 from runtime.model.graphs import GraphRunner
 from runtime.model.kv_pool import KVPool
 from runtime.model.llama import CausalLM
+from runtime.model.memory import weight_bytes
 from runtime.model.runner import ModelRunner
 from runtime.text.tokenizer import Tokenizer
 
@@ -108,13 +110,19 @@ def _quantized_model(args: EngineArgs, folder: Path, device: torch.device) -> Ca
 
 def load_model_for(args: EngineArgs, folder: Path, device: torch.device) -> CausalLM:
     """Load the weights and assemble the model's backends for `device` and `--data_type`."""
+    rss0 = _rss_bytes()
     quantized = _quantized_model(args, folder, device)
     if quantized is not None:
+        gguf = folder / GGUF_COPY
+        file_bytes = gguf.stat().st_size if gguf.is_file() else 0
+        held = weight_bytes(quantized)
         log.info(
-            "weights %s (%s arithmetic): %.1f MB",
+            "weights %s (%s arithmetic): %.1f MB held%s; process RSS grew %.1f MB while loading",
             args.quant_type,
             args.quant_mode,
-            weight_bytes(quantized) / 1e6,
+            held / 1e6,
+            f", {held / file_bytes:.2f}x the GGUF file" if file_bytes else "",
+            (_rss_bytes() - rss0) / 1e6,
         )
         return quantized
     dtype = resolve_dtype(args.data_type, device)
@@ -128,8 +136,22 @@ def load_model_for(args: EngineArgs, folder: Path, device: torch.device) -> Caus
     model = load_model(folder, dtype, device)
     weights = "fp16" if fp16_weights else "fp32"
     ops, packed = assemble(model, backend_settings(args), weights)
-    log.info("backends %s; packed %d weight matrices (%s weights)", ops.name, packed, weights)
+    log.info(
+        "backends %s; packed %d weight matrices (%s weights): %.1f MB held",
+        ops.name,
+        packed,
+        weights,
+        weight_bytes(model) / 1e6,
+    )
     return model
+
+
+def _rss_bytes() -> int:
+    """This process's resident set (Linux /proc; 0 elsewhere)."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def load_runner(args: EngineArgs) -> tuple[ModelRunner, Tokenizer]:

@@ -164,15 +164,3 @@ def _hf_state(model: CausalLM) -> dict[str, Tensor]:
         sd[p + "input_layernorm.weight"] = layer.input_layernorm
         sd[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm
     return sd
-
-
-def weight_bytes(model: CausalLM) -> int:
-    """Bytes of the weights a model holds: parameters, buffers and quantized blocks."""
-    total = sum(t.numel() * t.element_size() for t in model.parameters())
-    seen: set[int] = set()
-    for mod in model.modules():
-        for m in getattr(mod, "parts", ()) or [getattr(mod, "table", None)]:
-            if isinstance(m, QuantMatrix) and id(m) not in seen:
-                seen.add(id(m))
-                total += m.nbytes
-    return total

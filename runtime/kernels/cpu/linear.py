@@ -47,6 +47,7 @@ class PackedLinear(CpuLinear):
         self.out_features, self.in_features = weight.shape
         ops: Any = torch.ops.mkldnn
         self.packed = ops._reorder_linear_weight(weight.detach().contiguous(), _BATCH_HINT_TOKENS)
+        self.weight_bytes = weight.numel() * 4
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -85,6 +86,7 @@ class Fp16WeightLinear(CpuLinear):
         w32 = weight.detach().float().contiguous()
         b32 = None if bias is None else bias.detach().float().contiguous()
         self.packed = ops.linear_prepack_fp16(w32, b32)
+        self.weight_bytes = weight.numel() * 2
 
     def forward(self, x: Tensor) -> Tensor:
         ops: Any = torch.ops.quantized
