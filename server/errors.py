@@ -65,7 +65,7 @@ class ApiError(Exception):
 
 
 def busy_error(exc: QueueFull) -> ApiError:
-    """503 + Retry-After for a full waiting queue (LightLLM never rejects, spec §16.3)."""
+    """503 + Retry-After for a full waiting queue (LightLLM never rejects, LightLLM §16.3)."""
     retry_s = max(1, math.ceil(exc.retry_after_s))
     return ApiError(
         503,

@@ -1,4 +1,4 @@
-"""Generation routes: /generate, /generate_stream, POST / and /get_score (spec §3-6, §9)."""
+"""Generation routes: /generate, /generate_stream, POST / and /get_score (LightLLM §3-6, §9)."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ def _add(seq: _Seq, ev: TokenEvent, details: bool) -> None:
     if details:
         seq.cumlogprob += ev.logprob
         tok = token_dict(ev)
-        # The running sum (LightLLM reports a running mean under this name, spec §16.11).
+        # The running sum (LightLLM reports a running mean under this name, LightLLM §16.11).
         tok["cumlogprob"] = seq.cumlogprob
         tok["mtp_accepted_token_num"] = 0
         seq.tokens.append(
@@ -126,7 +126,7 @@ def _add(seq: _Seq, ev: TokenEvent, details: bool) -> None:
 
 
 def _response(seqs: list[_Seq], prompt_tokens: int, req: GenerateRequest) -> dict[str, Any]:
-    """The /generate body: scalars for n == 1, lists for n > 1 (spec §5)."""
+    """The /generate body: scalars for n == 1, lists for n > 1 (LightLLM §5)."""
     single = req.n == 1
     counts = [s.count_output_tokens for s in seqs]
     reasons = [s.finish_reason for s in seqs]

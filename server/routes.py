@@ -1,4 +1,4 @@
-"""Cheap routes: health, load, token count, model name, probes and metrics (spec §8, §10-12).
+"""Cheap routes: health, load, token count, model name, probes and metrics (LightLLM §8, §10-12).
 
 None of these touches an engine lock or runs a generation, so they stay fast under load.
 """
@@ -61,7 +61,7 @@ async def readiness() -> Response:
 
 @bp.get("/token_load")
 async def token_load() -> Response:
-    """KV load as fractions of capacity (spec §10), fresh each engine step."""
+    """KV load as fractions of capacity (LightLLM §10), fresh each engine step."""
     state = get_state()
     load = live_engine(state).engine.load()
     return json_response(

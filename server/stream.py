@@ -38,7 +38,7 @@ CONSUMER_START_TIMEOUT_S = 5.0
 
 
 def token_dict(ev: TokenEvent) -> dict[str, Any]:
-    """The `token` object of a stream event (spec §6)."""
+    """The `token` object of a stream event (LightLLM §6)."""
     return {
         "id": ev.token_id,
         "text": ev.text,

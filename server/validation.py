@@ -1,7 +1,7 @@
 """Request validation: every mistake becomes a 4xx ApiError naming the field and the rule.
 
 All checks run before a response (streamed or not) is started, so a client never sees a
-200 followed by a cut stream for something that was wrong with its request (spec §16.2).
+200 followed by a cut stream for something that was wrong with its request (LightLLM §16.2).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _kind(value: Any) -> str:
 
 
 def check_keys(body: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    """Refuse unknown top-level keys (LightLLM silently ignores them, spec §16.5)."""
+    """Refuse unknown top-level keys (LightLLM silently ignores them, LightLLM §16.5)."""
     for key in body:
         if key not in allowed:
             bad(f"unknown field '{key}'; this route takes {', '.join(allowed)}", key)
@@ -186,7 +186,7 @@ def prompt_ids_of(live: Live, inputs: Any, add_special_tokens: bool) -> list[int
 
 
 def check_length(prompt_len: int, params: SamplingParams, info: ModelInfo) -> None:
-    """Refuse prompt + max_new_tokens over max_req_total_len, with the numbers (spec §5.1)."""
+    """Refuse prompt + max_new_tokens over max_req_total_len, with the numbers (LightLLM §5.1)."""
     limit = info.max_req_total_len
     max_new = params.max_new_tokens
     if prompt_len >= limit:
@@ -210,7 +210,7 @@ def check_length(prompt_len: int, params: SamplingParams, info: ModelInfo) -> No
 
 
 def validate_generate(body: dict[str, Any], live: Live) -> GenerateRequest:
-    """A /generate, /generate_stream or / body (spec §3), fully validated."""
+    """A /generate, /generate_stream or / body (LightLLM §3), fully validated."""
     if live.info.is_reward_model:
         bad(
             f"'{live.info.model_name}' is a reward model: it scores text with POST /get_score "
