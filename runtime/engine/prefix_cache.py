@@ -37,6 +37,7 @@ class PrefixCache:
         self._clock = itertools.count(1)
         self.total_tokens = 0  # slots owned by the tree
         self.evictable_tokens = 0  # of those, in nodes no sequence holds
+        self.evicted_tokens = 0  # counter: slots handed back by `evict`
 
     @property
     def locked_tokens(self) -> int:
@@ -145,6 +146,7 @@ class PrefixCache:
             del parent.children[leaf.key[0]]
             if parent is not self.root and not parent.children and parent.refs == 0:
                 heapq.heappush(heap, (parent.last_used, id(parent), parent))
+        self.evicted_tokens += len(freed)
         return freed
 
     def _leaves(self) -> Iterator[Node]:
