@@ -245,7 +245,9 @@ def test_outputs_identical_with_and_without_the_cache(default_model_dir: object)
     prompts = [prefix + tok.encode(f" question {i}: {rng.choice(words)}?") for i in range(64)]
     seeded = {"do_sample": True, "temperature": 0.9, "top_p": 0.9, "max_new_tokens": 5}
     params = [
-        parse_sampling_params({**seeded, "seed": 100 + i}) if i % 2 else SamplingParams(5)
+        parse_sampling_params({**seeded, "seed": 100 + i})
+        if i % 2
+        else SamplingParams(max_new_tokens=5)
         for i in range(64)
     ]
     no_cache = EngineCore(runner, tok, replace(args, disable_dynamic_prompt_cache=True))
