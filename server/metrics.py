@@ -9,7 +9,7 @@ server state and the engine's load figures by `StateCollector`. LightLLM's count
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -22,8 +22,20 @@ from prometheus_client.registry import Collector
 
 from runtime.engine.api import LoadFigures
 
-if TYPE_CHECKING:
-    from .state import ServerState
+
+class ServerState(Protocol):
+    """What the collector reads of `server.state.ServerState` (a Protocol: no import cycle)."""
+
+    counters: Any
+    in_flight: int
+    engine: Any
+
+    def health_problem(self) -> str | None: ...
+
+    def dead_reason(self) -> str | None: ...
+
+    def live(self) -> Any: ...
+
 
 disable_created_metrics()  # no `_created` series (process-wide; nothing here wants them)
 
