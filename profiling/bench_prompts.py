@@ -1,5 +1,7 @@
 """bench_serving's prompts: the synthetic peer prompt (optionally calibrated to a token count),
-the bundled or a given jsonl file, each prefixed with a unique request number."""
+the bundled or a given jsonl file, each prefixed with a unique request number; optionally behind a
+shared "system prompt" of `--shared-prefix-len` tokens, and as `--multi-turn` conversations whose
+turn t repeats turns 1..t-1 (with a fixed assistant reply) before its new question."""
 
 from __future__ import annotations
 
@@ -39,18 +41,73 @@ def synthetic_prompt(n: int, words: int | None) -> str:
     return (PREFIX.format(n=n) + " ".join(body)).rstrip()
 
 
-def calibrate_words(target_tokens: int, count: Callable[[str], int]) -> int:
-    """The most filler words whose synthetic prompt has at most `target_tokens` tokens."""
+def calibrate_words(
+    target_tokens: int, count: Callable[[str], int], text: Callable[[int], str] | None = None
+) -> int:
+    """The most words whose `text(words)` (default: the synthetic prompt) has at most
+    `target_tokens` tokens."""
+    make = text or (lambda words: synthetic_prompt(1, words))
     lo, hi = 0, max(4, 2 * target_tokens)
-    while count(synthetic_prompt(1, hi)) <= target_tokens:  # make sure hi is over the target
+    while count(make(hi)) <= target_tokens:  # make sure hi is over the target
         lo, hi = hi, hi * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if count(synthetic_prompt(1, mid)) <= target_tokens:
+        if count(make(mid)) <= target_tokens:
             lo = mid
         else:
             hi = mid
     return lo
+
+
+# The shared "system prompt" of --shared-prefix-len: words unlike the prompts' own text, in a
+# fixed pseudo-random order (the same on every run).
+SYSTEM_WORDS = (
+    "assistant careful polite answer question user detail example policy language clear "
+    "brief friendly accurate source context format summary reason step helpful safe topic"
+).split()
+REPLY = (
+    "Thank you for the question. Here is a short answer with the main points, and I can add "
+    "more detail about any of them if you would like."
+)
+
+
+def shared_prefix(words: int) -> str:
+    """ "System: " + `words` words of the fixed system-prompt text, ending in a newline."""
+    rng = random.Random(1234)
+    return "System: " + " ".join(rng.choice(SYSTEM_WORDS) for _ in range(words)) + ".\n"
+
+
+def conversation_turn(questions: list[str], conv: int, turn: int) -> str:
+    """Turn `turn` (0-based) of conversation `conv`: the turns before it with a fixed assistant
+    reply each, then its new question; a turn's prompt starts with the previous turn's."""
+    text = f"Conversation {conv:04d}.\n"
+    for t in range(turn + 1):
+        if t:
+            text += f" {REPLY}\n"
+        text += f"User: {questions[(conv + t) % len(questions)]}\nAssistant:"
+    return text
+
+
+def _shape_prompts(args: argparse.Namespace, prompts: list[str], info: dict[str, Any]) -> list[str]:
+    """Apply --multi-turn and --shared-prefix-len to the plain prompts (updates `info`)."""
+    turns = getattr(args, "multi_turn", 1) or 1
+    if turns > 1:
+        warm = getattr(args, "warmup", 0)
+        out = prompts[:warm]
+        for i in range(len(prompts) - warm):  # level-local order: conversation i // turns
+            conv, turn = divmod(i, turns)
+            out.append(conversation_turn(prompts[warm:], conv, turn))
+        prompts = out
+        info["multi_turn"] = turns
+    target = getattr(args, "shared_prefix_len", None)
+    if target:
+        count, how = make_token_counter(args)
+        words = calibrate_words(target, count, shared_prefix)
+        prefix = shared_prefix(words)
+        info.update(shared_prefix_len=target, shared_prefix_tokens=count(prefix))
+        info.setdefault("counted_by", how)
+        prompts = [prefix + p for p in prompts]
+    return prompts
 
 
 def load_jsonl_prompts(path: Path) -> list[str]:
@@ -103,6 +160,12 @@ def make_token_counter(args: argparse.Namespace) -> tuple[Callable[[str], int], 
 
 def build_prompts(args: argparse.Namespace, total: int) -> tuple[list[str], dict[str, Any]]:
     """`total` prompts with unique request numbers, and a description for the result JSON."""
+    prompts, info = _plain_prompts(args, total)
+    return _shape_prompts(args, prompts, info), info
+
+
+def _plain_prompts(args: argparse.Namespace, total: int) -> tuple[list[str], dict[str, Any]]:
+    """The prompts before --shared-prefix-len and --multi-turn."""
     if args.dataset == "synthetic":
         if args.input_len is None:
             return [synthetic_prompt(n, None) for n in range(total)], {
@@ -139,7 +202,9 @@ __all__ = [
     "PEER_PROMPT",
     "build_prompts",
     "calibrate_words",
+    "conversation_turn",
     "load_jsonl_prompts",
     "make_token_counter",
+    "shared_prefix",
     "synthetic_prompt",
 ]

@@ -23,6 +23,10 @@ same text is cut/extended to about L tokens (counted by the server's tokenizer e
 `--tokenizer`). `--dataset bundled` cycles through the ~50 English prompts in prompts_en.jsonl;
 `--dataset FILE.jsonl` reads `{"prompt": ...}` lines. Every prompt starts with "Request NNNN." so no
 prefix cache can help. Generation is greedy with `ignore_eos` and a fixed `--output-len`.
+Prefix-cache workloads: `--shared-prefix-len N` puts the same ~N-token "system prompt" before every
+prompt; `--multi-turn K` makes each client run K-turn conversations, turn t's prompt being turn
+t-1's plus a fixed assistant reply and a new question (turns of one conversation go one after
+another; `--num-prompts` counts turns), and reports TTFT per turn.
 
 Metrics (vLLM `bench serve` definitions), per level:
   * TTFT: request sent -> first streamed token (first token event; openai: first non-empty text).
@@ -144,6 +148,8 @@ async def run_level(
     """Send `level.num_prompts` requests; returns (results, wall time, most requests in flight)."""
     url = args.base_url.rstrip("/") + (args.endpoint or BACKENDS[args.backend][0])
     n = level.num_prompts
+    turns = max(1, getattr(args, "multi_turn", 1) or 1)
+    groups = [range(s, min(s + turns, n)) for s in range(0, n, turns)]  # conversations
     results: list[RequestResult | None] = [None] * n
     in_flight = peak = 0
 
@@ -158,12 +164,16 @@ async def run_level(
         if progress is not None:
             progress.update(1)
 
+    async def do_group(g: int) -> None:
+        for i in groups[g]:  # the turns of one conversation, one after another
+            await do(i)
+
     if level.request_rate is None:
         conc = level.concurrency or 1
         connections = conc
     else:
-        conc = level.max_concurrency or n
-        connections = min(conc, n)
+        conc = level.max_concurrency or len(groups)
+        connections = min(conc, len(groups))
     async with _client(args, max(1, connections)) as client:
         t0 = time.perf_counter()
         if level.request_rate is None:
@@ -171,27 +181,27 @@ async def run_level(
 
             async def worker() -> None:
                 nonlocal next_i
-                while next_i < n:
-                    i = next_i
+                while next_i < len(groups):
+                    g = next_i
                     next_i += 1
-                    await do(i)
+                    await do_group(g)
 
             async with trio.open_nursery() as nursery:
-                for _ in range(min(conc, n)):
+                for _ in range(min(conc, len(groups))):
                     nursery.start_soon(worker)
         else:
             rng = random.Random(args.seed)
             sem = trio.Semaphore(conc)
             rate, shape = level.request_rate, args.burstiness
 
-            async def capped(i: int) -> None:
+            async def capped(g: int) -> None:
                 async with sem:
-                    await do(i)
+                    await do_group(g)
 
             async with trio.open_nursery() as nursery:
-                for i in range(n):
+                for i in range(len(groups)):
                     nursery.start_soon(capped, i)
-                    if math.isfinite(rate) and i + 1 < n:
+                    if math.isfinite(rate) and i + 1 < len(groups):
                         await trio.sleep(rng.gammavariate(shape, 1.0 / (rate * shape)))
         duration = time.perf_counter() - t0
     return [r for r in results if r is not None], duration, peak
@@ -245,6 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (or folder) for --input-len")
     p.add_argument("--output-len", type=_positive_int, default=128)
+    p.add_argument(
+        "--shared-prefix-len",
+        type=_positive_int,
+        default=None,
+        help="a shared ~N-token system prompt before every prompt (prefix-cache workload)",
+    )
+    p.add_argument(
+        "--multi-turn",
+        type=_positive_int,
+        default=1,
+        help="K-turn conversations: turn t's prompt extends turn t-1's; TTFT reported per turn",
+    )
     p.add_argument(
         "--num-prompts",
         type=_positive_int,
@@ -406,6 +428,8 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
             "loadavg_after": list(os.getloadavg()) if load_before else None,
             "errors": [f"{n}x {e}" for e, n in sorted(errors.items(), key=lambda kv: -kv[1])][:10],
         }
+        if args.multi_turn > 1:
+            run["ttft_by_turn"] = ttft_by_turn(results, args.multi_turn)
         if args.save_detailed:
             run["requests"] = [
                 {**asdict(r), "tpot": r.tpot} for r in sorted(results, key=lambda r: r.index)
@@ -413,8 +437,30 @@ async def _bench(args: argparse.Namespace) -> dict[str, Any]:
         out["runs"].append(run)
         raw.append(results)
         print(format_summary(run), flush=True)
+        for turn, row in run.get("ttft_by_turn", {}).items():
+            print(
+                f"turn {turn}: TTFT p50 {row['p50_ms']:.1f} ms, mean {row['mean_ms']:.1f} ms "
+                f"({row['n']} requests)",
+                flush=True,
+            )
     if args.plot_dir:
         out["plots"] = make_plots(out["runs"], raw, Path(args.plot_dir), label)
+    return out
+
+
+def ttft_by_turn(results: Sequence[RequestResult], turns: int) -> dict[str, dict[str, float]]:
+    """TTFT median and mean (ms) of the successful requests of each turn (index % turns)."""
+    out: dict[str, dict[str, float]] = {}
+    for turn in range(turns):
+        vals = sorted(
+            1000 * r.ttft
+            for r in results
+            if r.ok and r.ttft is not None and r.index % turns == turn
+        )
+        if vals:
+            mid = len(vals) // 2
+            p50 = vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+            out[str(turn + 1)] = {"p50_ms": p50, "mean_ms": sum(vals) / len(vals), "n": len(vals)}
     return out
 
 
@@ -439,6 +485,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(str(e))
     if args.burstiness <= 0:
         parser.error("--burstiness must be > 0")
+    if args.multi_turn > 1 and any(lv.num_prompts % args.multi_turn for lv in _levels(args)):
+        parser.error("--multi-turn K: --num-prompts must be a multiple of K")
     result = trio.run(_bench, args)
     result = _jsonable(result)
     if args.result_json:
