@@ -1,7 +1,7 @@
 """bench_serving's prompts: the synthetic peer prompt (optionally calibrated to a token count),
 the bundled or a given jsonl file, each prefixed with a unique request number; optionally behind a
 shared "system prompt" of `--shared-prefix-len` tokens, and as `--multi-turn` conversations whose
-turn t repeats turns 1..t-1 (with a fixed assistant reply) before its new question."""
+turn t repeats turns 1..t-1 (with a fixed assistant reply) before a short follow-up question."""
 
 from __future__ import annotations
 
@@ -71,6 +71,9 @@ REPLY = (
 )
 
 
+FOLLOW_UP = "Thanks. Could you say more about point {t}, in two sentences?"
+
+
 def shared_prefix(words: int) -> str:
     """ "System: " + `words` words of the fixed system-prompt text, ending in a newline."""
     rng = random.Random(1234)
@@ -78,13 +81,12 @@ def shared_prefix(words: int) -> str:
 
 
 def conversation_turn(questions: list[str], conv: int, turn: int) -> str:
-    """Turn `turn` (0-based) of conversation `conv`: the turns before it with a fixed assistant
-    reply each, then its new question; a turn's prompt starts with the previous turn's."""
-    text = f"Conversation {conv:04d}.\n"
-    for t in range(turn + 1):
-        if t:
-            text += f" {REPLY}\n"
-        text += f"User: {questions[(conv + t) % len(questions)]}\nAssistant:"
+    """Turn `turn` (0-based) of conversation `conv`: its first message is prompt `conv` (the long
+    one: a document and a question), each later turn adds a fixed assistant reply and a short
+    follow-up question; a turn's prompt starts with the previous turn's."""
+    text = f"Conversation {conv:04d}.\nUser: {questions[conv % len(questions)]}\nAssistant:"
+    for t in range(1, turn + 1):
+        text += f" {REPLY}\nUser: {FOLLOW_UP.format(t=t)}\nAssistant:"
     return text
 
 

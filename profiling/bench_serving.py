@@ -25,7 +25,7 @@ same text is cut/extended to about L tokens (counted by the server's tokenizer e
 prefix cache can help. Generation is greedy with `ignore_eos` and a fixed `--output-len`.
 Prefix-cache workloads: `--shared-prefix-len N` puts the same ~N-token "system prompt" before every
 prompt; `--multi-turn K` makes each client run K-turn conversations, turn t's prompt being turn
-t-1's plus a fixed assistant reply and a new question (turns of one conversation go one after
+t-1's plus a fixed assistant reply and a short follow-up (turns of one conversation go one after
 another; `--num-prompts` counts turns), and reports TTFT per turn.
 
 Metrics (vLLM `bench serve` definitions), per level:
