@@ -286,3 +286,33 @@ def test_reward_scores_agree_with_the_cache(tmp_path: Path) -> None:
             assert got[-1].cached_tokens == len(prompts[0]) - 1
     # the reward path agrees across chunkings to fp32 rounding (tests/test_engine_reward.py)
     assert scores[False] == pytest.approx(scores[True], abs=1e-5)
+
+
+# ---- the benchmark's prefix workloads ----------------------------------------------------
+def test_bench_shared_prefix_and_multi_turn_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    profiling = str(Path(__file__).resolve().parent.parent / "profiling")
+    if profiling not in sys.path:
+        sys.path.insert(0, profiling)
+    import bench_prompts as bp
+    import bench_serving as bs
+
+    def words(text: str) -> int:
+        return len(text.split())
+
+    monkeypatch.setattr(bp, "make_token_counter", lambda args: (words, "words"))
+    args = bs.build_parser().parse_args(["--shared-prefix-len", "40", "--multi-turn", "3"])
+    args.warmup = 1
+    prompts, info = bp.build_prompts(args, 1 + 6)
+    assert info["shared_prefix_tokens"] == 40 and info["multi_turn"] == 3
+    head = prompts[0][: prompts[0].index("\n") + 1]
+    assert words(head) == 40 and all(p.startswith(head) for p in prompts)
+    assert prompts[2].startswith(prompts[1]) and prompts[3].startswith(prompts[2])
+    assert prompts[4].startswith(head + "Conversation 0001.")
+    assert len(prompts[3]) - len(prompts[2]) < len(prompts[1]) - len(head)  # follow-ups are short
+    results = [bs.RequestResult(i, ok=True, ttft=0.1 * (i % 3 + 1)) for i in range(6)]
+    by_turn = bs.ttft_by_turn(results, 3)
+    assert {k: round(v["p50_ms"]) for k, v in by_turn.items()} == {"1": 100, "2": 200, "3": 300}
+    with pytest.raises(SystemExit):
+        bs.main(["--multi-turn", "3", "--num-prompts", "4"])

@@ -49,6 +49,7 @@ class PrefixCache:
         """Longest cached prefix of `tokens[:limit]`: (its deepest node, its slots).
 
         A match ending inside an edge splits it, so the node returned ends exactly there."""
+        tokens = _as_list(tokens)
         node, slots, i = self.root, [], 0
         now = next(self._clock)
         while i < limit:
@@ -71,6 +72,7 @@ class PrefixCache:
         Returns (the deepest node, the tree's slots for `tokens`, the caller's slots the tree
         already had K/V for: duplicates the caller frees). The caller holds `node`, so nothing
         on its path is evicted meanwhile."""
+        tokens, slots = _as_list(tokens), _as_list(slots)
         now = next(self._clock)
         tree_slots: list[int] = []
         dup: list[int] = []
@@ -169,15 +171,25 @@ class PrefixCache:
         return out
 
 
+def _as_list(values: Sequence[int]) -> list[int]:
+    """Lists compare with lists only (a list never equals a tuple): keys and queries alike."""
+    return values if isinstance(values, list) else list(values)
+
+
 def _common(key: Sequence[int], tokens: Sequence[int], start: int, limit: int) -> int:
-    """Length of the common prefix of `key` and `tokens[start:limit]`."""
+    """Length of the common prefix of `key` and `tokens[start:limit]` (slice compares run in C;
+    a binary search over them finds the first difference)."""
     n = min(len(key), limit - start)
-    if list(key[:n]) == list(tokens[start : start + n]):
+    lo, hi = 0, n  # key[:lo] matches; key[:hi + 1] does not (or hi == n)
+    if key[:n] == tokens[start : start + n]:
         return n
-    i = 0
-    while i < n and key[i] == tokens[start + i]:
-        i += 1
-    return i
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if key[lo:mid] == tokens[start + lo : start + mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:

@@ -23,6 +23,10 @@ from runtime.engine.api import LoadFigures
 from runtime.engine.prefix_cache import Node, PrefixCache, common_prefix
 from runtime.engine.slots import SlotAllocator
 
+# Sequences waiting on an in-flight prefix that one step skips before it stops looking further
+# down the queue (each costs a tree lookup).
+MAX_WAITS_SCANNED = 64
+
 
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
@@ -231,12 +235,16 @@ class Scheduler:
             if seq.prefilling and budget > 0:
                 budget -= self._plan_prefill(seq, budget, prefill)
         busy = self._busy()
+        waits = 0
         for seq in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.cfg.running_max_req_size:
                 break
             admitted = self._admit(seq, busy)
-            if admitted is None:
-                continue  # it waits for a running sequence to publish its prefix
+            if admitted is None:  # it waits for a running sequence to publish its prefix
+                waits += 1
+                if waits >= MAX_WAITS_SCANNED:
+                    break
+                continue
             if not admitted:
                 break
             budget -= self._plan_prefill(seq, budget, prefill)
