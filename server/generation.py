@@ -48,6 +48,7 @@ class Collected:
 
     events: list[list[TokenEvent]]
     prompt_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 async def run_request(
@@ -72,7 +73,7 @@ async def run_request(
                     continue
                 rec.token(ev.seq_index)
                 out.events[ev.seq_index].append(ev)
-                out.prompt_tokens = ev.prompt_tokens
+                out.prompt_tokens, out.cached_tokens = ev.prompt_tokens, ev.cached_tokens
                 if ev.finished:
                     finished += 1
                     if finished >= n:
@@ -93,7 +94,9 @@ async def _collect(state: ServerState, live: Live, req: GenerateRequest) -> dict
     for seq, events in zip(seqs, done.events, strict=True):
         for ev in events:
             _add(seq, ev, req.return_details)
-    return _response(seqs, done.prompt_tokens, req)
+    body = _response(seqs, done.prompt_tokens, req)
+    body["cached_tokens"] = done.cached_tokens  # llama.cpp's cache_n: prompt tokens reused
+    return body
 
 
 def _add(seq: _Seq, ev: TokenEvent, details: bool) -> None:

@@ -174,6 +174,23 @@ def load_gauges(load: LoadFigures) -> Iterator[Metric]:
     )
     for name, doc, value in rows:
         yield GaugeMetricFamily(name, doc, value=float(value))
+    yield GaugeMetricFamily(
+        "nurserve_prefix_cache_tokens", "KV slots the prefix cache owns", value=load.cached_tokens
+    )
+    counters = (
+        (
+            "nurserve_prefix_cache_queried_tokens",
+            "prompt tokens looked up in the prefix cache",
+            load.prefix_queried_tokens,
+        ),
+        (
+            "nurserve_prefix_cache_hit_tokens",
+            "prompt tokens found in the prefix cache (prefill skipped)",
+            load.prefix_hit_tokens,
+        ),
+    )
+    for name, doc, value in counters:
+        yield CounterMetricFamily(name, doc, value=float(value))
 
 
 def new_registry(state: ServerState) -> tuple[CollectorRegistry, Histograms]:

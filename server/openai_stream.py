@@ -103,12 +103,13 @@ class Logprobs:
         }
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """OpenAI's usage object."""
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object (`prompt_tokens_details.cached_tokens`: from the prefix cache)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -143,12 +144,14 @@ class OpenAIEncoder:
         self.offsets = [0] * n
         self.counts = [0] * n
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.started = [False] * n
 
     def token(self, ev: TokenEvent) -> bytes:
         """The chunk of one token (b"" while its text is held back)."""
         i = ev.seq_index
         self.counts[i], self.prompt_tokens = ev.count_output_tokens, ev.prompt_tokens
+        self.cached_tokens = ev.cached_tokens
         self.pending[i].append(ev)
         text = self.trimmers[i].feed(ev.text, ev.finished)
         reason = finish_reason(ev)
@@ -187,7 +190,7 @@ class OpenAIEncoder:
         """The usage chunk (when asked) and [DONE]."""
         out = b""
         if self.req.include_usage:
-            used = usage(self.prompt_tokens, sum(self.counts))
+            used = usage(self.prompt_tokens, sum(self.counts), self.cached_tokens)
             out = sse({**self.head, "choices": [], "usage": used})
         return out + DONE
 
@@ -199,6 +202,7 @@ def response_body(
     logprobs = Logprobs(req, tokenizer)
     choices = []
     completion_tokens = 0
+    cached = max((seq[-1].cached_tokens for seq in events if seq), default=0)
     for i, seq in enumerate(events):
         text = StopTrimmer(req.stop).feed("".join(ev.text for ev in seq), final=True)
         reason = finish_reason(seq[-1]) if seq else "stop"
@@ -212,5 +216,5 @@ def response_body(
     return {
         **envelope(req, chunk=False),
         "choices": choices,
-        "usage": usage(prompt_tokens, completion_tokens),
+        "usage": usage(prompt_tokens, completion_tokens, cached),
     }

@@ -58,6 +58,8 @@ def encode_token_event(ev: TokenEvent, with_index: bool) -> bytes:
         "finish_reason": ev.finish_reason if ev.finished else None,
         "details": None,
     }
+    if ev.finished:
+        obj["cached_tokens"] = ev.cached_tokens  # prompt tokens whose K/V the cache supplied
     if with_index:
         obj["index"] = ev.seq_index
     return b"data:" + dumps(obj).encode("utf-8") + b"\n\n"

@@ -103,6 +103,7 @@ async def test_seed_curl_examples(server: ServerProcess) -> None:
             "count_output_tokens",
             "finish_reason",
             "prompt_tokens",
+            "cached_tokens",
         ]
         assert isinstance(body["generated_text"], list) and len(body["generated_text"]) == 1
         assert isinstance(body["generated_text"][0], str) and body["generated_text"][0]
@@ -114,7 +115,9 @@ async def test_seed_curl_examples(server: ServerProcess) -> None:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         assert len(events) == 17
         for i, ev in enumerate(events, 1):
-            assert list(ev) == EVENT_KEYS and list(ev["token"]) == TOKEN_KEYS
+            # the last event adds cached_tokens (prompt tokens the prefix cache supplied)
+            assert list(ev) == EVENT_KEYS + ["cached_tokens"] * (i == 17)
+            assert list(ev["token"]) == TOKEN_KEYS
             tok = ev["token"]
             assert isinstance(tok["id"], int) and 0 <= tok["id"] < VOCAB
             assert isinstance(tok["text"], str) and isinstance(tok["logprob"], float)

@@ -164,6 +164,7 @@ async def test_generate_seed_example(make_app: Factory, tokenizer: Tokenizer) ->
             "count_output_tokens",
             "finish_reason",
             "prompt_tokens",
+            "cached_tokens",
         ]
         assert isinstance(body["generated_text"], list) and len(body["generated_text"]) == 1
         assert body["count_output_tokens"] == 17
@@ -174,7 +175,9 @@ async def test_generate_seed_example(make_app: Factory, tokenizer: Tokenizer) ->
         ids = tokenizer.encode(SEED_BODY["inputs"])
         assert len(ids) == body["prompt_tokens"]
         r = await client.post("/generate", json={**SEED_BODY, "inputs": ids})
-        assert (await r.get_json())["generated_text"] == body["generated_text"]
+        again = await r.get_json()
+        assert again["generated_text"] == body["generated_text"]
+        assert again["cached_tokens"] == len(ids) - 1  # the prefix cache kept the prompt's K/V
 
         # return_details: one entry per token; cumlogprob is the running sum.
         params = {**SEED_BODY["parameters"], "return_details": True}
@@ -212,7 +215,8 @@ async def test_generate_stream_framing(make_app: Factory) -> None:
         events = sse_events(data)
         assert len(events) == 17
         for i, ev in enumerate(events, 1):
-            assert list(ev) == ["token", "generated_text", "finished", "finish_reason", "details"]
+            keys = ["token", "generated_text", "finished", "finish_reason", "details"]
+            assert list(ev) == keys + ["cached_tokens"] * (i == 17)
             assert list(ev["token"]) == [
                 "id",
                 "text",
