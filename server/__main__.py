@@ -9,24 +9,47 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
 
 import trio
-from hypercorn.config import Config
+from hypercorn.config import Config, Sockets
 from hypercorn.trio import serve
 
 from .app import ENGINE_DEATH_EXIT_STATUS, create_app, get_app_state
+from .auth import load_keys
 from .settings import Settings, parse_args
 from .state import ServerState
 
 log = logging.getLogger("nurserve.server")
 
 
+class ServerConfig(Config):
+    """Hypercorn's Config whose listening sockets carry `SO_SNDBUF` (accepted ones inherit it).
+
+    With the kernel's autotuned send buffer (up to megabytes), a client that stops reading
+    looks like a fast one for thousands of tokens; a small buffer makes the stream's writes
+    block, so its `--stream_buffer_events` bound is reached and the request aborted.
+    """
+
+    send_buffer_bytes = 0
+
+    def create_sockets(self) -> Sockets:
+        """Hypercorn's sockets, with the send buffer set on the TCP ones."""
+        sockets = super().create_sockets()
+        if self.send_buffer_bytes > 0:
+            for sock in (*sockets.secure_sockets, *sockets.insecure_sockets):
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer_bytes)
+        return sockets
+
+
 def hypercorn_config(settings: Settings) -> Config:
     """The Hypercorn config of `python -m server`."""
-    config = Config()
+    config = ServerConfig()
+    config.send_buffer_bytes = settings.socket_send_buffer_bytes
     config.worker_class = "trio"
     host = settings.host
     config.bind = [f"[{host}]:{settings.port}" if ":" in host else f"{host}:{settings.port}"]
@@ -92,6 +115,11 @@ def _leaf_message(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     settings = parse_args(argv)
+    try:
+        load_keys(settings)
+    except ValueError as exc:
+        print(f"python -m server: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

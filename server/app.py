@@ -26,7 +26,9 @@ import trio
 from quart_trio import QuartTrio
 
 from . import generation, openai_routes, openapi, routes
+from .auth import install_auth
 from .errors import register_error_handlers
+from .guard import ConnectionGuard
 from .settings import Settings
 from .state import STATE_KEY, EngineLike, ServerState
 
@@ -139,10 +141,15 @@ def create_app(
     app = QuartTrio("nurserve")
     app.config.update(
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
+        BODY_TIMEOUT=settings.body_timeout_s,
         PROVIDE_AUTOMATIC_OPTIONS=False,
     )
     state = ServerState(settings)
     app.extensions[STATE_KEY] = state
+    guard = ConnectionGuard(app.asgi_app, settings.max_body_bytes, settings.body_timeout_s)
+    app.asgi_app = guard  # type: ignore[method-assign,assignment]
+    state.guard = guard
+    install_auth(app, settings)
     app.register_blueprint(routes.bp)
     app.register_blueprint(generation.bp)
     app.register_blueprint(openai_routes.bp)

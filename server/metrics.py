@@ -129,6 +129,17 @@ class StateCollector(Collector):
         yield CounterMetricFamily(
             "nurserve_generated_tokens", "tokens generated", value=c.generated_tokens
         )
+        yield CounterMetricFamily(
+            "nurserve_stream_slow_reader_aborts",
+            "streams aborted (KV freed) because their client stopped reading",
+            value=c.stream_slow_aborts,
+        )
+        closes = getattr(getattr(state, "guard", None), "closed_unread", 0)
+        yield CounterMetricFamily(
+            "nurserve_http_unread_body_closes",
+            "connections closed after the answer because the request body was not read",
+            value=closes,
+        )
         errors = CounterMetricFamily(
             "nurserve_http_errors", "error responses by status", labels=["status"]
         )

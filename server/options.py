@@ -17,6 +17,7 @@ class Option:
     help: str
     engine: bool = False  # forwarded to EngineArgs
     choices: tuple[str, ...] | None = None
+    secret: bool = False  # never shown in --help or logs (API keys)
 
     @property
     def env(self) -> str:
@@ -224,5 +225,33 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("log_level", "str", "log level", choices=("debug", "info", "warning", "error")),
     Option("access_log", "bool", "log every request (costs CPU under load) [launcher]"),
+    # --- reliability and access control ---
+    Option(
+        "body_timeout_s",
+        "float",
+        "longest wait for a request body (408 past it); a body the route does not read is "
+        "drained this long before the answer, else the connection closes after it",
+    ),
+    Option(
+        "stream_buffer_events",
+        "int",
+        "events a stream may hold for a client that stops reading; past it the request is "
+        "aborted (its KV freed) and the stream ends with an error event",
+    ),
+    Option(
+        "socket_send_buffer_bytes",
+        "int",
+        "SO_SNDBUF of client connections (0 = the kernel's autotuning), so that a client that "
+        "stops reading is seen within a few KB [launcher]",
+    ),
+    Option(
+        "api_key",
+        "str",
+        "require `Authorization: Bearer <key>` on every route but the health probes "
+        "(env: comma-separated for several keys)",
+        secret=True,
+    ),
+    Option("api_key_file", "str", "file of API keys, one per line (added to --api_key)"),
+    Option("protect_metrics", "bool", "/metrics also needs the API key"),
 )
 OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}

@@ -12,13 +12,14 @@ import argparse
 import dataclasses
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .options import OPTIONS, Option
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
+DASHED_ALIASES = frozenset({"api_key", "api_key_file", "protect_metrics"})
 
 
 @dataclass
@@ -66,6 +67,12 @@ class Settings:
     startup_timeout_s: float = 900.0
     log_level: str = "info"
     access_log: bool = False
+    body_timeout_s: float = 15.0
+    stream_buffer_events: int = 256
+    socket_send_buffer_bytes: int = 65536
+    api_key: str | None = field(default=None, repr=False)
+    api_key_file: str | None = None
+    protect_metrics: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -94,6 +101,7 @@ class Settings:
             "router_max_new_token_len",
             "cpu_kv_cache_bytes",
             "num_threads",
+            "stream_buffer_events",
         )
         for name in positive:
             value = getattr(self, name)
@@ -104,6 +112,7 @@ class Settings:
             "shutdown_grace_s",
             "death_exit_delay_s",
             "keep_alive_s",
+            "socket_send_buffer_bytes",
         )
         for name in non_negative:
             value = getattr(self, name)
@@ -111,8 +120,8 @@ class Settings:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.mem_fraction is not None and not 0.0 < self.mem_fraction <= 1.0:
             raise ValueError(f"mem_fraction must be in (0, 1], got {self.mem_fraction}")
-        if self.stall_timeout_s <= 0 or self.startup_timeout_s <= 0:
-            raise ValueError("stall_timeout_s and startup_timeout_s must be > 0")
+        if self.stall_timeout_s <= 0 or self.startup_timeout_s <= 0 or self.body_timeout_s <= 0:
+            raise ValueError("stall_timeout_s, startup_timeout_s and body_timeout_s must be > 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         for opt in OPTIONS:
@@ -191,13 +200,17 @@ def build_arg_parser(env_defaults: Settings | None = None) -> argparse.ArgumentP
         if opt.engine and current is None:
             engine_default = _engine_default(opt.name)
             shown = f"engine default {engine_default}" if engine_default else "engine default"
+        elif opt.secret:
+            shown = "set" if current else "None"
         else:
             shown = repr(current)
         help_text = f"{opt.help} [{opt.env}; default: {shown}]"
         flag = f"--{opt.name}"
+        # llama.cpp / vLLM spell these `--api-key`: accepted too (argparse aliases).
+        names = (flag, flag.replace("_", "-")) if opt.name in DASHED_ALIASES else (flag,)
         if opt.kind == "bool":
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=current, help=help_text
+                *names, action=argparse.BooleanOptionalAction, default=current, help=help_text
             )
         elif opt.kind == "int_list":
             parser.add_argument(
@@ -206,7 +219,12 @@ def build_arg_parser(env_defaults: Settings | None = None) -> argparse.ArgumentP
         else:
             conv: Any = {"int": int, "float": float, "str": str}[opt.kind]
             parser.add_argument(
-                flag, type=conv, default=current, choices=opt.choices, help=help_text
+                *names,
+                dest=opt.name,
+                type=conv,
+                default=current,
+                choices=opt.choices,
+                help=help_text,
             )
     return parser
 

@@ -61,6 +61,7 @@ class Counters:
     request_aborted: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    stream_slow_aborts: int = 0  # streams aborted because their client stopped reading
     http_errors: dict[int, int] = field(default_factory=dict)
 
     def count_outcome(self, outcome: str) -> None:
@@ -85,6 +86,7 @@ class ServerState:
     in_flight: int = 0
     last_progress_s: float = 0.0  # trio.current_time() of the last event delivered
     counters: Counters = field(default_factory=Counters)
+    guard: Any = None  # server.guard.ConnectionGuard (its count of unread-body closes)
     registry: CollectorRegistry = field(init=False, repr=False)
     histograms: Histograms = field(init=False, repr=False)
 

@@ -2,8 +2,10 @@
 
 A streamed request runs in a producer task in the app's nursery: it enters
 `engine.generate(...)` (so a full queue is a 503 before any 200 is sent), then pushes
-encoded `data:{json}\\n\\n` events into an unbounded memory channel and never blocks. The
-response body is a plain async generator that only reads that channel (no nursery or cancel
+encoded `data:{json}\\n\\n` events into a memory channel and never blocks. The channel holds
+at most `--stream_buffer_events` events: a client that stops reading (its socket buffers full,
+the body generator stuck in its write) gets its request aborted there, KV freed, and the
+stream ends with an error event, so it never holds engine capacity. The response body is a plain async generator that only reads that channel (no nursery or cancel
 scope around a `yield`); when the client leaves, Quart closes the generator and its
 `finally` cancels the producer, whose exit from `engine.generate` aborts the request.
 
@@ -112,6 +114,8 @@ class StreamJob:
     receive: trio.MemoryReceiveChannel[bytes]
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     consumer_started: bool = False
+    limit: float = math.inf  # most events waiting for the client (--stream_buffer_events)
+    overflowed: bool = False  # the client stopped reading: the limit was hit
 
     def abort(self) -> None:
         """Stop the producer (synchronous: safe in a generator's `finally`)."""
@@ -127,7 +131,7 @@ async def start_stream(
 ) -> StreamJob:
     """Submit a streamed request; raises QueueFull/EngineDead before anything is sent."""
     send, receive = trio.open_memory_channel[bytes](math.inf)
-    job = StreamJob(send, receive)
+    job = StreamJob(send, receive, limit=state.settings.stream_buffer_events)
     await nursery.start(_produce, state, req, job, encoder or LightLLMEncoder(req.n))
     return job
 
@@ -167,13 +171,16 @@ async def _produce(
 def _fail(job: StreamJob, encoder: Encoder, exc: Exception) -> None:
     """Log an unexpected failure and end the stream with an error event."""
     log.exception("streamed request failed", exc_info=exc)
-    _push(job, encoder.error(f"internal error: {type(exc).__name__}: {exc}"))
+    _push(job, encoder.error(f"internal error: {type(exc).__name__}: {exc}"), force=True)
 
 
-def _push(job: StreamJob, data: bytes) -> bool:
-    """Queue bytes for the client; False when the client is gone."""
+def _push(job: StreamJob, data: bytes, *, force: bool = False) -> bool:
+    """Queue bytes for the client; False when the client is gone or stopped reading."""
     if not data:
         return True
+    if not force and job.send.statistics().current_buffer_used >= job.limit:
+        job.overflowed = True
+        return False
     try:
         job.send.send_nowait(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -195,22 +202,36 @@ async def _pump(
     async for ev in events:
         rec.state.progress()
         if isinstance(ev, ErrorEvent):
-            _push(job, encoder.error(ev.message))
+            _push(job, encoder.error(ev.message), force=True)
             return "failure"
         if not isinstance(ev, TokenEvent):
             continue
         rec.token(ev.seq_index)
         if not _push(job, encoder.token(ev)):
-            return "aborted"
+            return _gave_up(rec, job, encoder)
         if ev.finished:
             finished += 1
             if finished >= n:
-                return "success" if _push(job, encoder.done()) else "aborted"
+                return "success" if _push(job, encoder.done(), force=True) else "aborted"
         if not job.consumer_started and trio.current_time() > give_up_at:
             log.warning("stream never read by its client; aborting the request")
             return "aborted"
-    _push(job, encoder.error("the engine ended the request before it finished"))
+    _push(job, encoder.error("the engine ended the request before it finished"), force=True)
     return "failure"
+
+
+def _gave_up(rec: Recorder, job: StreamJob, encoder: Encoder) -> str:
+    """The client is gone, or stopped reading (then: log, count, end with an error event)."""
+    if job.overflowed:
+        rec.state.counters.stream_slow_aborts += 1
+        log.warning(
+            "stream aborted: its client stopped reading (%d events waiting, "
+            "--stream_buffer_events %d); KV freed",
+            job.send.statistics().current_buffer_used,
+            job.limit,
+        )
+        _push(job, encoder.error("stream aborted: the client stopped reading"), force=True)
+    return "aborted"
 
 
 def stream_response_body(job: StreamJob) -> AsyncGenerator[bytes, None]:
