@@ -24,9 +24,10 @@ DTYPES: dict[str, torch.dtype] = {
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """`--data_type`: default bf16 on a GPU, fp32 on the CPU."""
+    """`--data_type`: default bf16 on a GPU; fp16 on the CPU (fp16-stored weights with fp32
+    arithmetic: the fastest CPU mode that meets the quality bar, profiling/README.md)."""
     if name is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" else torch.float16
     if name not in DTYPES:
         raise ValueError(f"--data_type must be one of fp32, bf16, fp16 (got {name!r})")
     return DTYPES[name]
