@@ -85,7 +85,7 @@ class Agreement:
         return float(torch.tensor(nll).mean().exp())
 
 
-def compare(ref: CausalLM, model: CausalLM, ids: list[int], chunk: int = 4) -> Agreement:
+def compare(ref: CausalLM, model: CausalLM, ids: list[int], chunk: int = 8) -> Agreement:
     """Teacher-forced agreement of `model` with `ref` over `ids`, `chunk` tokens a forward: few
     enough that quantized layers take their decode (GEMV) kernels, where the modes differ."""
     out = Agreement()

@@ -71,7 +71,7 @@ async def run_request(
                     raise ApiError(503, msg, None, type_=SERVER)
                 if not isinstance(ev, TokenEvent):
                     continue
-                rec.token(ev.seq_index)
+                rec.token(ev.seq_index, ev.queue_s)
                 out.events[ev.seq_index].append(ev)
                 out.prompt_tokens, out.cached_tokens = ev.prompt_tokens, ev.cached_tokens
                 if ev.finished:

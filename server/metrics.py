@@ -72,8 +72,13 @@ class Histograms:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.ttft = Histogram(
             "nurserve_time_to_first_token_seconds",
-            "submission to the first generated token (includes the time spent waiting and "
-            "prefilling; the engine does not report queue time separately)",
+            "submission to the first generated token (queue time, prefill, first decode)",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue = Histogram(
+            "nurserve_request_queue_time_seconds",
+            "submission to the engine step that first schedules the request (waiting time)",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )

@@ -206,7 +206,7 @@ async def _pump(
             return "failure"
         if not isinstance(ev, TokenEvent):
             continue
-        rec.token(ev.seq_index)
+        rec.token(ev.seq_index, ev.queue_s)
         if not _push(job, encoder.token(ev)):
             return _gave_up(rec, job, encoder)
         if ev.finished:

@@ -37,8 +37,9 @@ class Recorder:
         self.start_s = trio.current_time()
         self._last_s: dict[int, float] = {}
 
-    def token(self, seq_index: int = 0) -> None:
-        """One token of sequence `seq_index` arrived: counted, and timed (TTFT / ITL)."""
+    def token(self, seq_index: int = 0, queue_s: float | None = None) -> None:
+        """One token of sequence `seq_index` arrived: counted, and timed (TTFT / ITL; the
+        engine's queue time of the request with its first token)."""
         state = self.state
         state.progress()
         state.counters.generated_tokens += 1
@@ -46,6 +47,8 @@ class Recorder:
         now = trio.current_time()
         if not self._last_s:
             state.histograms.ttft.observe(now - self.start_s)
+            if queue_s is not None:
+                state.histograms.queue.observe(queue_s)
         last = self._last_s.get(seq_index)
         if last is not None:
             state.histograms.itl.observe(now - last)

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 
 HISTOGRAMS = (
     "nurserve_time_to_first_token_seconds",
+    "nurserve_request_queue_time_seconds",
     "nurserve_inter_token_latency_seconds",
     "nurserve_e2e_request_latency_seconds",
     "nurserve_request_prompt_tokens",

@@ -25,6 +25,7 @@ class TokenEvent:
     finished: bool = False
     finish_reason: FinishReason | None = None
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache (cache_n)
+    queue_s: float = 0.0  # submission to the step that first scheduled this sequence
 
 
 @dataclass(frozen=True)

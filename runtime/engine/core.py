@@ -34,6 +34,7 @@ class Request:
     params: SamplingParams
     seqs: list[Seq] = field(default_factory=list)
     num_finished: int = 0
+    submitted_s: float = field(default_factory=time.perf_counter)
 
     @property
     def done(self) -> bool:
@@ -49,6 +50,7 @@ class SeqState:
     row: RowState
     detok: IncrementalDetokenizer | None
     stop: StopMatcher | None
+    queue_s: float | None = None  # set by the first step that schedules the sequence
 
 
 def _chunk(c: ScheduledChunk) -> SeqChunk:
@@ -165,7 +167,7 @@ class EngineCore:
         plan = self.scheduler.schedule()
         events: list[tuple[Request, Event]] = []
         if not plan.empty:
-            self._count_step()
+            self._count_step(plan)
             batch = self.runner.prepare([_chunk(c) for c in plan.chunks])
             if self.runner.is_reward_model:  # prefill only: one score per prompt
                 events = self._scored(plan, self.runner.score(batch))  # [B'] fp32
@@ -175,8 +177,13 @@ class EngineCore:
         self.timer.lap("update")
         return events
 
-    def _count_step(self) -> None:
+    def _count_step(self, plan: StepPlan) -> None:
         self.timer.lap("schedule")
+        now = time.perf_counter()
+        for c in plan.chunks:  # queue time: submission to the first step that schedules it
+            st = _state(c.seq)
+            if st.queue_s is None:
+                st.queue_s = now - st.req.submitted_s
         self._steps += 1
         fault = self.args.fault_inject_step
         if fault is not None and self._steps >= fault:
@@ -265,6 +272,7 @@ class EngineCore:
             finished=reason is not None,
             finish_reason=reason,
             cached_tokens=seq.cached_tokens,
+            queue_s=st.queue_s or 0.0,
         )
         return st.req, event
 
