@@ -120,7 +120,9 @@ def main() -> None:
 
     folder = default_model_dir()
     ids = text_ids(Tokenizer.from_dir(folder), args.tokens)
-    ref = load_model_for(EngineArgs(quant_type="none", data_type="fp32"), folder, torch.device("cpu"))
+    ref = load_model_for(
+        EngineArgs(quant_type="none", data_type="fp32"), folder, torch.device("cpu")
+    )
     print(f"{len(ids)} tokens of {TEXT_PATH.name}, against the fp32 dequantized model")
     print("| mode | max abs logit diff | top-1 agreement | mean KL (nats) | ppl (fp32 ref) | ppl |")
     print("|---|---|---|---|---|---|")
