@@ -123,6 +123,15 @@ OPTIONS: tuple[Option, ...] = (
         engine=True,
     ),
     Option("num_threads", "int", "torch intra-op threads on the CPU", engine=True),
+    Option(
+        "tp",
+        "int",
+        "tensor parallelism: N processes (this one is rank 0, N-1 workers are spawned) in one "
+        "torch.distributed group, NCCL on GPUs and gloo on the CPU; each holds 1/N of the "
+        "heads (split by KV-head group, so N <= the KV heads), MLP, vocabulary and KV cache; "
+        "dense weights only; a worker's death ends the server (status 3)",
+        engine=True,
+    ),
     # --- backends, chosen once when the model loads ---
     Option(
         "quant_type",

@@ -47,6 +47,7 @@ class Settings:
     router_max_new_token_len: int | None = None
     cpu_kv_cache_bytes: int | None = None
     num_threads: int | None = None
+    tp: int | None = None
     quant_type: str | None = None
     quant_mode: str | None = None
     cpu_linear: str | None = None
@@ -101,6 +102,7 @@ class Settings:
             "router_max_new_token_len",
             "cpu_kv_cache_bytes",
             "num_threads",
+            "tp",
             "stream_buffer_events",
         )
         for name in positive:

@@ -40,4 +40,5 @@ class EngineArgs:
     reward_kernel: str = "cupy"  # cupy | torch
     no_warmup: bool = False
     disable_dynamic_prompt_cache: bool = False  # LightLLM's flag: no prefix cache
+    tp: int = 1  # tensor parallelism: processes in the group (rank 0 is this one)
     fault_inject_step: int | None = None  # tests: raise inside the step loop at this step

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 
 import trio
@@ -27,6 +27,7 @@ class AsyncEngine:
         self.info: ModelInfo | None = None
         self.tokenizer: Tokenizer | None = None
         self.dead: BaseException | None = None
+        self._failure: BaseException | None = None  # reported by the runner between steps
         self._channels: dict[int, trio.MemorySendChannel[Event]] = {}
         self._req_ids = itertools.count(1)
         self._wakeup = trio.Event()
@@ -42,9 +43,12 @@ class AsyncEngine:
         core = await trio.to_thread.run_sync(self._load)
         self.core, self.tokenizer = core, core.tokenizer
         self.info = core.model_info()
+        core.runner.watch(self._failure_reporter())
         task_status.started()
         try:
             while True:
+                if self._failure is not None:
+                    raise self._failure
                 if not core.has_work():
                     await self._wakeup.wait()
                     self._wakeup = trio.Event()
@@ -63,6 +67,21 @@ class AsyncEngine:
                 send.close()
             self._channels.clear()
             raise
+
+    def _failure_reporter(self) -> Callable[[BaseException], None]:
+        """A thread-safe callback that makes the step loop raise `exc` (a tensor-parallel
+        worker's death while the engine idles: the same death path as a failed step)."""
+        token = trio.lowlevel.current_trio_token()
+
+        def fail(exc: BaseException) -> None:
+            self._failure = exc
+            self._wakeup.set()
+
+        def report(exc: BaseException) -> None:
+            with suppress(trio.RunFinishedError):
+                token.run_sync_soon(fail, exc)
+
+        return report
 
     def _deliver(self, events: list[tuple[Request, Event]]) -> None:
         done: list[Request] = []

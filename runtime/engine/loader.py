@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from runtime.model.kv_pool import KVPool
 from runtime.model.llama import CausalLM
 from runtime.model.memory import weight_bytes
 from runtime.model.runner import ModelRunner
+from runtime.parallel.launch import TPGroup, TPModelRunner, start_group
 from runtime.text.tokenizer import Tokenizer
 
 log = logging.getLogger("nurserve.runner")
@@ -61,11 +63,13 @@ def resolve_generation(
 
 
 def _kv_capacity(
-    args: EngineArgs, model: CausalLM, dtype: torch.dtype, device: torch.device
+    args: EngineArgs, config: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> int:
+    """KV slots: `--max_total_token_num`, else the memory budget over the bytes per token of
+    `config` (a tensor-parallel rank's shard: its KV heads only)."""
     if args.max_total_token_num is not None:
         return args.max_total_token_num
-    per_token = KVPool.bytes_per_token(model.config, dtype)
+    per_token = KVPool.bytes_per_token(config, dtype)
     if device.type == "cuda":
         free_bytes, total_bytes = torch.cuda.mem_get_info(device)
         budget = free_bytes - total_bytes * (1 - args.mem_fraction)
@@ -108,6 +112,17 @@ def _quantized_model(args: EngineArgs, folder: Path, device: torch.device) -> Ca
     return model
 
 
+def dense_format(args: EngineArgs, device: torch.device) -> tuple[torch.dtype, str]:
+    """The model dtype and the packed-weight kind (`assemble`'s `weights`) of dense weights.
+
+    fp16 on a CPU: fp16-stored weights with fp32 activations, K/V and sums (fbgemm); CPUs
+    without native fp16 arithmetic run a whole-fp16 model many times slower than fp32."""
+    dtype = resolve_dtype(args.data_type, device)
+    if device.type == "cpu" and dtype == torch.float16 and cpu_linear.fp16_weights_available():
+        return torch.float32, "fp16"
+    return dtype, "fp32"
+
+
 def load_model_for(args: EngineArgs, folder: Path, device: torch.device) -> CausalLM:
     """Load the weights and assemble the model's backends for `device` and `--data_type`."""
     rss0 = _rss_bytes()
@@ -125,16 +140,8 @@ def load_model_for(args: EngineArgs, folder: Path, device: torch.device) -> Caus
             (_rss_bytes() - rss0) / 1e6,
         )
         return quantized
-    dtype = resolve_dtype(args.data_type, device)
-    # fp16 on a CPU: fp16-stored weights with fp32 activations, K/V and sums (fbgemm); CPUs
-    # without native fp16 arithmetic run a whole-fp16 model many times slower than fp32
-    fp16_weights = (
-        device.type == "cpu" and dtype == torch.float16 and cpu_linear.fp16_weights_available()
-    )
-    if fp16_weights:
-        dtype = torch.float32
+    dtype, weights = dense_format(args, device)
     model = load_model(folder, dtype, device)
-    weights = "fp16" if fp16_weights else "fp32"
     ops, packed = assemble(model, backend_settings(args), weights)
     log.info(
         "backends %s; packed %d weight matrices (%s weights): %.1f MB held",
@@ -154,25 +161,69 @@ def _rss_bytes() -> int:
         return 0
 
 
+def _load_tp(
+    args: EngineArgs, folder: Path, device: torch.device, threads: int | None
+) -> tuple[CausalLM, TPGroup]:
+    """`--tp N > 1`: rank 0's shard in this process, N-1 worker processes (runtime.parallel)."""
+    if args.quant_type != "none" and device.type == "cpu":
+        raise CheckpointError(
+            f"--tp {args.tp} needs dense weights: use --quant_type none, not {args.quant_type}"
+        )
+    dtype, weights = dense_format(args, device)
+    return start_group(folder, args.tp, device, dtype, weights, backend_settings(args), threads)
+
+
+def _threads(args: EngineArgs) -> int | None:
+    """Intra-op threads per process: `--num_threads`, else at `--tp N` the cores split N ways."""
+    if args.num_threads or args.tp == 1:
+        return args.num_threads
+    return max(1, (os.cpu_count() or 1) // args.tp)
+
+
 def load_runner(args: EngineArgs) -> tuple[ModelRunner, Tokenizer]:
-    """Load weights, tokenizer and KV pool as `args` say."""
+    """Load weights, tokenizer and KV pool as `args` say (at `--tp N`, rank 0's shard and the
+    workers holding the others)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    threads = _threads(args)
+    if device.type == "cpu" and threads:
+        torch.set_num_threads(threads)
     folder = resolve_model_dir(args.model_dir)
-    model = load_model_for(args, folder, device)
+    group: TPGroup | None = None
+    if args.tp > 1:
+        model, group = _load_tp(args, folder, device, threads)
+    else:
+        model = load_model_for(args, folder, device)
+    try:
+        return _build_runner(args, folder, model, device, group)
+    except BaseException:
+        if group is not None:
+            group.close()
+        raise
+
+
+def _build_runner(
+    args: EngineArgs,
+    folder: Path,
+    model: CausalLM,
+    device: torch.device,
+    group: TPGroup | None,
+) -> tuple[ModelRunner, Tokenizer]:
+    """Tokenizer check, KV pool, EOS ids, the runner, warm-up and CUDA graphs."""
     tokenizer = Tokenizer.from_dir(folder)
     cfg = model.config
     if tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(
             f"{folder}: tokenizer has {tokenizer.vocab_size} tokens but the embedding only {cfg.vocab_size}"
         )
-    capacity = _kv_capacity(args, model, model.dtype, device)
-    pool = KVPool(cfg, capacity, model.dtype, device)
+    kv_config = cfg if group is None else group.shard.local_config
+    capacity = _kv_capacity(args, kv_config, model.dtype, device)
+    pool = KVPool(kv_config, capacity, model.dtype, device)
+    if group is not None:
+        group.configure(capacity)
     max_len = min(args.max_req_total_len or cfg.max_position_embeddings, capacity)
     eos_ids, defaults = resolve_generation(folder, cfg, tokenizer, args.eos_id)
     log.info("loaded %s (%s, %s) with %d KV slots", folder, cfg.architecture, model.dtype, capacity)
-    runner = ModelRunner(
+    runner = (ModelRunner if group is None else partial(TPModelRunner, tp=group))(
         model=model,
         pool=pool,
         device=device,
@@ -184,7 +235,8 @@ def load_runner(args: EngineArgs) -> tuple[ModelRunner, Tokenizer]:
     )
     if not args.no_warmup:
         warmup(runner)
-    if device.type == "cuda" and not args.disable_cudagraph:
+    # captured graphs would replay rank 0's collectives only: --tp > 1 runs decode eagerly
+    if device.type == "cuda" and not args.disable_cudagraph and group is None:
         runner.graphs = GraphRunner(
             model,
             pool,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -49,3 +50,10 @@ class ModelRunner:
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.model.logits_from_hidden(hidden)  # [B', V] fp32
+
+    def watch(self, on_failure: Callable[[BaseException], None]) -> None:
+        """Call `on_failure` (from any thread) on a failure outside the steps, such as a
+        tensor-parallel worker's death (`runtime.parallel.launch`); nothing to watch here."""
+
+    def close(self) -> None:
+        """Release what the runner holds besides memory (tensor-parallel workers); nothing here."""
