@@ -164,7 +164,9 @@ def test_rendered_config_is_valid_haproxy(tmp_path: Path) -> None:
 def test_readme_names_only_real_metrics() -> None:
     """Every nurserve_*/lightllm_* name deploy/README.md cites is one /metrics exposes."""
     source = (ROOT / "server" / "metrics.py").read_text()
-    names = set(re.findall(r"\b(?:nurserve|lightllm)_[a-z_]+\b", (DEPLOY / "README.md").read_text()))
+    names = set(
+        re.findall(r"\b(?:nurserve|lightllm)_[a-z_]+\b", (DEPLOY / "README.md").read_text())
+    )
     assert names, "deploy/README.md names no metric"
     missing = sorted(n for n in names if f'"{n}"' not in source)
     assert not missing, missing
