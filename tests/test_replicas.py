@@ -71,9 +71,11 @@ class Balancer:
         return self.log_path.read_text(errors="replace")
 
 
-def haproxy_or_skip() -> str:
-    """The haproxy executable; skip without one, but never under CI."""
-    exe = shutil.which("haproxy")
+@pytest.fixture
+def haproxy_exe() -> str:
+    """The haproxy executable (also found in the sbin folders off a user's PATH); skip without
+    one, but never under CI."""
+    exe = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/usr/local/sbin")
     if exe is None:
         reason = "haproxy is not installed (apt-get install haproxy; .ci/run installs it)"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
@@ -136,9 +138,8 @@ async def wait_states(
     raise AssertionError(f"balancer states {states}, wanted {want}:\n{balancer.log_text()[-3000:]}")
 
 
-def launch_haproxy(tmp_path: Path, replicas: list[ServerProcess]) -> Balancer:
+def launch_haproxy(exe: str, tmp_path: Path, replicas: list[ServerProcess]) -> Balancer:
     """Render the config, check it with `haproxy -c`, start haproxy in the foreground."""
-    exe = haproxy_or_skip()
     port, stats_port = free_port(), free_port()
     cfg = tmp_path / "haproxy.cfg"
     render_config(cfg, replicas, port, stats_port)
@@ -152,9 +153,11 @@ def launch_haproxy(tmp_path: Path, replicas: list[ServerProcess]) -> Balancer:
 
 
 @asynccontextmanager
-async def haproxy(tmp_path: Path, replicas: list[ServerProcess]) -> AsyncIterator[Balancer]:
+async def haproxy(
+    exe: str, tmp_path: Path, replicas: list[ServerProcess]
+) -> AsyncIterator[Balancer]:
     """haproxy on the rendered config, once it has both replicas UP."""
-    balancer = await trio.to_thread.run_sync(launch_haproxy, tmp_path, replicas)
+    balancer = await trio.to_thread.run_sync(launch_haproxy, exe, tmp_path, replicas)
     proc = balancer.proc
     try:
         async with httpx.AsyncClient(timeout=5.0) as client:
@@ -321,13 +324,12 @@ async def phase_drain_last(balancer: Balancer, last: ServerProcess, name: str) -
     assert t["exited"] - t["term"] <= GRACE_S + 5.0  # Hypercorn's shutdown_timeout
 
 
-async def test_two_replicas_behind_haproxy(tmp_path: Path) -> None:
+async def test_two_replicas_behind_haproxy(haproxy_exe: str, tmp_path: Path) -> None:
     """Both replicas serve through the balancer; one killed mid-run fails only its in-flight
     requests; the other, SIGTERMed, leaves the rotation and finishes its own."""
-    haproxy_or_skip()
     replicas = await start_replicas(2)
     try:
-        async with haproxy(tmp_path, replicas) as balancer:
+        async with haproxy(haproxy_exe, tmp_path, replicas) as balancer:
             await phase_both_serve(balancer, replicas)
             await phase_kill_one(balancer, replicas[1], NAMES[1])
             await phase_drain_last(balancer, replicas[0], NAMES[0])
