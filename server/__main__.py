@@ -64,18 +64,32 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
+async def _drain(stop: trio.Event, state: ServerState) -> None:
+    """Keep listening while the in-flight requests finish (new generations get 503 +
+    Retry-After, /readiness 503), at most `shutdown_grace_s`; then stop Hypercorn, whose
+    `graceful_timeout` cuts whatever is left."""
+    with trio.move_on_after(state.settings.shutdown_grace_s):
+        while True:  # polls a counter (no event to wait on), 20 times a second
+            if state.in_flight <= 0 or stop.is_set():
+                break
+            await trio.sleep(0.05)
+    stop.set()
+
+
 async def _watch_signals(stop: trio.Event, state: ServerState) -> None:
     """First SIGTERM/SIGINT: graceful stop (/readiness turns 503); a second one: exit now."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            if not stop.is_set():
-                log.info("received %s: draining in-flight requests", signal.Signals(signum).name)
-                state.shutting_down = True
-                stop.set()
-            else:
-                log.warning("second signal: exiting now")
-                logging.shutdown()
-                os._exit(1)
+        async with trio.open_nursery() as nursery:
+            async for signum in signals:
+                if not state.shutting_down and not stop.is_set():
+                    name = signal.Signals(signum).name
+                    log.info("received %s: draining in-flight requests", name)
+                    state.shutting_down = True
+                    nursery.start_soon(_drain, stop, state)
+                else:
+                    log.warning("second signal: exiting now")
+                    logging.shutdown()
+                    os._exit(1)
 
 
 async def _serve(settings: Settings) -> int:

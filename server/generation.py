@@ -31,6 +31,21 @@ def live_engine(state: ServerState) -> Live:
     return live
 
 
+def accepting_engine(state: ServerState) -> Live:
+    """`live_engine` for a new generation: also a 503 + Retry-After (and the connection closed)
+    while a SIGTERM drains the in-flight requests, so that a balancer retries elsewhere."""
+    live = live_engine(state)
+    if state.shutting_down:
+        raise ApiError(
+            503,
+            "server shutting down: finishing in-flight requests, accepting no new ones",
+            None,
+            type_=SERVER,
+            headers={"Retry-After": "1", "Connection": "close"},
+        )
+    return live
+
+
 @dataclass
 class _Seq:
     """What /generate collects for one of the n sequences."""
@@ -168,7 +183,7 @@ def sse_response(job: StreamJob) -> Response:
 
 async def _validated() -> tuple[GenerateRequest, ServerState, Live]:
     state = get_state()
-    live = live_engine(state)
+    live = accepting_engine(state)
     body = await read_json_object(state.settings.max_body_bytes)
     return validate_generate(body, live), state, live
 
@@ -200,7 +215,7 @@ async def root() -> Response:
 async def get_score() -> Response:
     """Reward-model score of a formatted chat (prefill only)."""
     state = get_state()
-    live = live_engine(state)
+    live = accepting_engine(state)
     body = await read_json_object(state.settings.max_body_bytes)
     if not live.info.is_reward_model:
         raise ApiError(

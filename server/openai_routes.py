@@ -13,7 +13,7 @@ import time
 from quart import Blueprint, Response, current_app
 
 from .errors import json_response
-from .generation import live_engine, run_request, sse_response
+from .generation import accepting_engine, live_engine, run_request, sse_response
 from .openai_schema import OpenAIRequest, parse_chat, parse_completion
 from .openai_stream import OpenAIEncoder, response_body
 from .state import Live, ServerState, get_state
@@ -57,7 +57,7 @@ async def _serve(state: ServerState, live: Live, req: OpenAIRequest) -> Response
 async def completions() -> Response:
     """Text completion of one prompt (text or token ids)."""
     state = get_state()
-    live = live_engine(state)
+    live = accepting_engine(state)
     body = await read_json_object(state.settings.max_body_bytes)
     return await _serve(state, live, parse_completion(body, live))
 
@@ -66,6 +66,6 @@ async def completions() -> Response:
 async def chat_completions() -> Response:
     """Chat completion: the messages go through the model's chat template."""
     state = get_state()
-    live = live_engine(state)
+    live = accepting_engine(state)
     body = await read_json_object(state.settings.max_body_bytes)
     return await _serve(state, live, parse_chat(body, live))

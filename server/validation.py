@@ -156,6 +156,10 @@ def encode_text(live: Live, text: str, field: str, add_special_tokens: bool) -> 
             f"({MAX_CHARS_PER_TOKEN} x max_req_total_len {live.info.max_req_total_len})",
             field,
         )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (JSON "\ud800"): not text at all
+        bad(f"{field} is not valid Unicode: {exc.reason} at character {exc.start}", field)
     ids: list[int] = live.tokenizer.encode(text, add_special_tokens=add_special_tokens)
     return list(ids)
 
