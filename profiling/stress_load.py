@@ -155,10 +155,10 @@ async def scenario_slow_readers(
         gaps, ok = await _normal_itl(srv, streams, output_len)
         deadline = time.monotonic() + 120
         aborted = 0.0
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # until every non-reader was aborted or finished
             m = await trio.to_thread.run_sync(read_metrics, srv.url)
             aborted = m.get("nurserve_stream_slow_reader_aborts_total", 0.0) - before
-            if aborted >= readers:
+            if aborted >= readers or m.get("nurserve_requests_in_flight", 1.0) == 0:
                 break
             await trio.sleep(0.25)
         held = await trio.to_thread.run_sync(kv_in_use, srv.url, capacity)
@@ -179,7 +179,7 @@ async def scenario_slow_readers(
     }
     out.checks = {
         "ITL p50 within 1.3x": ratio <= 1.3,
-        "every non-reader aborted": aborted >= readers,
+        "every non-reader aborted": aborted >= readers,  # none finished before its bound
         "normal streams complete": base_ok == ok == streams,
         "nothing held after": held["in_flight"] == 0 and held["slots_used"] == 0,
     }

@@ -216,3 +216,21 @@ async def test_protect_metrics() -> None:
     assert (await client.get("/metrics")).status_code == 401
     assert (await client.get("/metrics", headers={"Authorization": "Bearer k"})).status_code == 200
     assert (await client.get("/health")).status_code == 503  # open, but no engine started
+
+
+@pytest.mark.slow
+def test_lone_surrogate_is_a_400(server: ServerProcess) -> None:
+    """The fuzzer's find: JSON "\\ud800" decodes to text no tokenizer takes (was a 500)."""
+    for path, body, field in (
+        ("/generate", b'{"inputs": "a\\ud800", "parameters": {"max_new_tokens": 1}}', "inputs"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', None),
+    ):
+        r = httpx.post(
+            server.base_url + path,
+            content=body,
+            headers={**AUTH, "Content-Type": "application/json"},
+            timeout=30,
+        )
+        assert r.status_code == 400, r.text
+        got = r.json()["field"] if field else r.json()["error"]["param"]
+        assert got == (field or "messages")
