@@ -33,7 +33,10 @@ def reward_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def reward_server(reward_dir: Path) -> Iterator[ServerProcess]:
-    srv = start_server(["--model_dir", str(reward_dir), "--max_total_token_num", "8192"])
+    # fp32 weights: the scores are compared with our fp32 runtime to 1e-4
+    srv = start_server(
+        ["--model_dir", str(reward_dir), "--max_total_token_num", "8192", "--data_type", "fp32"]
+    )
     try:
         yield srv
     finally:
