@@ -1,11 +1,11 @@
-"""Batch-1 decode step of the default model per CPU weight mode, against its weight-read floor.
+"""Decode step of the default model per CPU weight mode, against its weight-read floor.
 
 Each mode's engine runner (`--quant_type` / `--quant_mode` / `--data_type` as the server would
-load it) decodes one sequence; a step is prepare + forward + LM head + greedy sample. The floor is
+load it) decodes `--batch` sequences (1 by default) together; a step is prepare + forward + LM head + greedy sample. The floor is
 the model's weight bytes over this machine's copy bandwidth (a 256 MB `copy_`), measured in the
 same run. Rounds interleave the modes (the VM drifts 15-30 % within minutes): medians and ranges.
 
-    python profiling/bench_decode_step.py [--rounds 5] [--steps 30] [--modes exact fp16 ...]
+    python profiling/bench_decode_step.py [--rounds 5] [--steps 30] [--batch 1] [--modes exact ...]
 """
 
 from __future__ import annotations
@@ -49,26 +49,30 @@ def copy_bandwidth_bytes_s(n_bytes: int = 256 << 20, repeats: int = 5) -> float:
 
 
 class Decoder:
-    """One sequence decoded step by step through a runner (the engine's path, minus scheduling)."""
+    """Sequences decoded together step by step through a runner (the engine's path, minus
+    scheduling): sequence i holds slots [i * capacity, (i + 1) * capacity)."""
 
-    def __init__(self, runner: ModelRunner, prompt: list[int], capacity: int) -> None:
+    def __init__(self, runner: ModelRunner, prompts: list[list[int]], capacity: int) -> None:
         self.runner, self.sampler = runner, Sampler()
-        self.slots = list(range(capacity))
-        self.pos = len(prompt)
-        self.rows = [RowState.start(SamplingParams(), prompt)]
-        self.token = self._sample(runner.run(runner.prepare([SeqChunk(prompt, 0, self.slots)])))
+        self.slots = [list(range(i * capacity, (i + 1) * capacity)) for i in range(len(prompts))]
+        self.pos = [len(p) for p in prompts]
+        self.rows = [RowState.start(SamplingParams(), p) for p in prompts]
+        chunks = [SeqChunk(p, 0, s) for p, s in zip(prompts, self.slots, strict=True)]
+        self.tokens = self._sample(runner.run(runner.prepare(chunks)))
 
-    def _sample(self, hidden: torch.Tensor) -> int:
-        logits = self.runner.logits(hidden)  # [1, V]
+    def _sample(self, hidden: torch.Tensor) -> list[int]:
+        logits = self.runner.logits(hidden)  # [B, V]
         batch = build_sampling_batch(self.rows, self.runner.eos_ids, logits.shape[-1], "cpu")
-        return int(self.sampler.sample(logits, batch)[0][0])
+        return [int(t) for t in self.sampler.sample(logits, batch)[0]]
 
     def step(self) -> float:
         """One decode step; its wall seconds."""
         t0 = time.perf_counter()
-        batch = self.runner.prepare([SeqChunk([self.token], self.pos, self.slots)])
-        self.token = self._sample(self.runner.run(batch))
-        self.pos += 1
+        chunks = [
+            SeqChunk([t], p, s) for t, p, s in zip(self.tokens, self.pos, self.slots, strict=True)
+        ]
+        self.tokens = self._sample(self.runner.run(self.runner.prepare(chunks)))
+        self.pos = [p + 1 for p in self.pos]
         return time.perf_counter() - t0
 
 
@@ -76,15 +80,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=30, help="decode steps per mode and round")
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args()
-    capacity = 64 + args.rounds * (args.steps + 2)
+    capacity = 64 + args.rounds * (args.steps + 2)  # slots per sequence
     decoders: dict[str, Decoder] = {}
     floors: dict[str, float] = {}
     for mode in args.modes:
-        runner, tok = load_runner(EngineArgs(max_total_token_num=capacity, **MODES[mode]))
-        prompt = tok.encode("Write a short story about a lighthouse keeper.")
-        decoders[mode] = Decoder(runner, prompt, capacity)
+        cfg = EngineArgs(max_total_token_num=capacity * args.batch, **MODES[mode])
+        runner, tok = load_runner(cfg)
+        prompts = [
+            tok.encode(f"Write story {i} about a lighthouse keeper.") for i in range(args.batch)
+        ]
+        decoders[mode] = Decoder(runner, prompts, capacity)
         floors[mode] = weight_bytes(runner.model, per_decode_step=True)
     steps: dict[str, list[float]] = {m: [] for m in args.modes}
     bandwidth: list[float] = []
@@ -96,7 +104,8 @@ def main() -> None:
     bw = statistics.median(bandwidth)
     print(
         f"copy bandwidth {bw / 1e9:.1f} GB/s (range {min(bandwidth) / 1e9:.1f}-"
-        f"{max(bandwidth) / 1e9:.1f}); {args.rounds} rounds x {args.steps} steps"
+        f"{max(bandwidth) / 1e9:.1f}); {args.rounds} rounds x {args.steps} steps, "
+        f"batch {args.batch}"
     )
     print("| mode | weights MB | floor ms | step ms (median of rounds) | range ms | step / floor |")
     print("|---|---|---|---|---|---|")

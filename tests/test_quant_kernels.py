@@ -13,6 +13,7 @@ import torch
 
 from runtime.kernels.cpu import quant as Q
 from runtime.kernels.cpu import quant_linear as QL
+from runtime.kernels.cpu import quant_pack as QP
 
 gguf = pytest.importorskip("gguf")
 GGUF_PATH = Path("/tmp/work/gguf/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -121,7 +122,8 @@ def test_exact_linear_matches_dequantized(t: int) -> None:
     residual = torch.randn(t, w.shape[0], generator=gen)  # [T, out]
     plain = QL.QuantLinear(parts)
     assert plain.out_features == w.shape[0] and plain.in_features == 512
-    assert plain.weight_bytes == sum(p.nbytes for p in parts)
+    assert plain.weight_bytes == sum(QL.lane_layout(p).nbytes for p in parts)
+    assert [type(p).__name__ for p in plain.parts] == ["LaneMatrix"] * 3 + ["QuantMatrix"] * 2
     _close(plain(x), x @ w.T, 1e-5)
     biased = QL.QuantLinear(parts, bias=bias)
     _close(biased(x), x @ w.T + bias, 1e-5)
@@ -150,6 +152,22 @@ def test_fast_linear_within_int8_error(t: int) -> None:
 
 
 @pytest.mark.usefixtures("driver")
+@pytest.mark.parametrize("fmt", QP.LANE_FORMATS)
+def test_lane_layout_holds_the_same_values(fmt: str) -> None:
+    """Repacked weights dequantize bit-equal to the GGUF blocks, every row; a part whose rows
+    are not whole groups of 8 stays in blocks and still computes the same product."""
+    m = _random_blocks(fmt, 48, 512, seed=11)
+    lanes = QP.pack(m)
+    got = np.empty((m.rows, m.cols), np.float32)
+    QL.dequantize_into(lanes, np.arange(m.rows)[::-1].copy(), got)
+    assert np.array_equal(got[::-1], Q.dequantize(m).numpy())
+    odd = m.take_rows(np.arange(12))
+    assert not QP.can_pack(odd) and QL.lane_layout(odd) is odd
+    x = torch.randn(2, 512, generator=torch.Generator().manual_seed(3))  # [T, in]
+    _close(QL.QuantLinear([odd, m])(x), x @ torch.cat([Q.dequantize(odd), Q.dequantize(m)]).T, 1e-5)
+
+
+@pytest.mark.usefixtures("driver")
 @pytest.mark.parametrize("fmt", Q.FORMATS)
 def test_embedding_equals_dequantized_rows(fmt: str) -> None:
     m = _random_blocks(fmt, 30, 512, seed=9)
@@ -165,8 +183,9 @@ def test_real_embedding_and_head() -> None:
     ids = torch.tensor([1, 49151, 300])
     emb = QL.QuantEmbedding(table)(ids)  # [3, 576]
     assert np.array_equal(emb.numpy(), _gguf_dequant(table.take_rows(ids.numpy())))
-    head = QL.QuantLinear([table])  # tied head over the same bytes
-    assert head.parts[0].data is table.data
-    sub = table.take_rows(np.arange(0, rows, 97))
+    lanes = QL.lane_layout(table)  # what a tied exact-mode head and the lookups share
+    assert torch.equal(QL.QuantEmbedding(lanes)(ids), emb)
+    assert QL.QuantLinear([lanes]).parts[0] is lanes
+    sub = table.take_rows(np.arange(0, rows - rows % 8, 97)[:64])
     x = emb[:1]  # [1, 576]
     _close(QL.QuantLinear([sub])(x), x @ Q.dequantize(sub).T, 1e-5)

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from runtime.kernels.cpu.quant import FORMATS, GGML_TYPE, QuantMatrix, dequantize, quantize
-from runtime.kernels.cpu.quant_linear import QuantEmbedding, QuantLinear
+from runtime.kernels.cpu.quant_linear import QuantEmbedding, QuantLinear, lane_layout
+from runtime.kernels.cpu.quant_pack import LaneMatrix
 from runtime.loading.gguf_file import hf_name, open_gguf, unpermute_qk
 from runtime.model.config import CheckpointError, ModelConfig
 from runtime.model.llama import CausalLM, DecoderLayer, rope_inv_freq
@@ -27,7 +28,7 @@ Weight = QuantMatrix | Tensor  # a quantized matrix, or an fp32 tensor
 class QuantEmbeddingModule(nn.Module):
     """`nn.Embedding`'s place in the model for a quantized table (rows decoded on lookup)."""
 
-    def __init__(self, table: QuantMatrix) -> None:
+    def __init__(self, table: QuantMatrix | LaneMatrix) -> None:
         super().__init__()
         self.table = table
         self._lookup = QuantEmbedding(table)
@@ -118,9 +119,14 @@ def build_quantized(
         model = CausalLM(cfg, torch.float32)
     for i, layer in enumerate(model.decoder_layers()):
         _layer(layer, weights, f"model.layers.{i}.", mode, fmt)
-    (table,) = _parts(weights, ["model.embed_tokens.weight"], fmt)
+    (block_table,) = _parts(weights, ["model.embed_tokens.weight"], fmt)
+    table: QuantMatrix | LaneMatrix = block_table
+    if mode == "exact":  # the layout the tied head's GEMV reads, shared by the lookups
+        table = lane_layout(table)
     model.embed_tokens = QuantEmbeddingModule(table)  # type: ignore[assignment]
-    head = _parts(weights, ["lm_head.weight"], fmt) if "lm_head.weight" in weights else [table]
+    head: list[QuantMatrix | LaneMatrix] = [table]
+    if "lm_head.weight" in weights:
+        head = list(_parts(weights, ["lm_head.weight"], fmt))
     model.lm_head = None
     model.packed_lm_head = QuantLinear(head, None, mode)  # a tied head shares the table
     model.norm = nn.Parameter(_dense(weights.pop("model.norm.weight")))

@@ -5,13 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from runtime.kernels.cpu.quant import QuantMatrix
+from runtime.kernels.cpu.quant_pack import LaneMatrix
 from runtime.model.llama import CausalLM
 
 
-def _blocks(module: nn.Module) -> list[QuantMatrix]:
+def _blocks(module: nn.Module) -> list[QuantMatrix | LaneMatrix]:
     parts = list(getattr(module, "parts", ()))
     table = getattr(module, "table", None)
-    return parts + ([table] if isinstance(table, QuantMatrix) else [])
+    return parts + ([table] if isinstance(table, QuantMatrix | LaneMatrix) else [])
 
 
 def weight_bytes(model: CausalLM, per_decode_step: bool = False) -> int:

@@ -1,8 +1,10 @@
 """Linear layers and embeddings over GGUF block-quantized weights, kept quantized in memory.
 
-Few-token calls (decode) run the Numba GEMV of `quant_numba`, which reads each weight block once
-for all rows; many-token calls (prefill) dequantize the weight into an fp32 scratch with a
-parallel Numba kernel and hand it to MKL (`F.linear`), where the matmul dominates. Modes:
+Few-token calls (decode) run a Numba GEMV that reads each weight block once for all rows:
+`quant_lanes` over the lane layout of `quant_pack` (q4_0/q4_1/q8_0 in exact mode, repacked at
+load), `quant_numba` over the GGUF blocks as shipped (the K formats, and fast mode). Many-token
+calls (prefill) dequantize the weight with a parallel Numba kernel, a cache-sized chunk of rows
+at a time into one reused fp32 scratch, and hand each chunk to MKL. Modes:
 "exact" dots fp32 activations with the dequantized blocks (equal to
 `x @ quant.dequantize(W).T` up to summation order); "fast" quantizes each activation row to int8
 per 32 elements first (llama.cpp's way; ~1e-3 relative error), for q4_0/q4_1/q8_0 parts
@@ -12,23 +14,29 @@ per 32 elements first (llama.cpp's way; ~1e-3 relative error), for q4_0/q4_1/q8_
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from runtime.kernels.cpu import attention as cpu_attention
+from runtime.kernels.cpu import quant_pack
 from runtime.kernels.cpu.linear import CpuLinear
 from runtime.kernels.cpu.quant import QuantMatrix
+from runtime.kernels.cpu.quant_pack import LaneMatrix
+
+Part = QuantMatrix | LaneMatrix
 
 GEMV_MAX_TOKENS = 8  # more rows than this go through dequantize + MKL
 # A parallel Numba call costs 50-100 us of thread wake-up: below this many weight elements x rows
 # one thread is faster
 PARALLEL_MIN_WORK = 1 << 16
 MODES = ("exact", "fast")
+# prefill dequantizes this many weight elements at a time (4 MB of fp32: stays in cache for MKL)
+PREFILL_CHUNK_ELEMS = 1 << 20
 
 
 @functools.cache
@@ -41,15 +49,24 @@ def _kernels() -> Any:
 
 
 @functools.cache
+def _lane_kernels() -> Any:
+    """The lane-layout Numba module (`quant_lanes`)."""
+    assert cpu_attention.available(), "Numba is not available"  # sets the threading layer
+    from runtime.kernels.cpu import quant_lanes
+
+    return quant_lanes
+
+
+@functools.cache
 def f16_table() -> np.ndarray:
     """fp32 value of every fp16 bit pattern `[65536]` (the kernels' fp16 reader)."""
     return np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
-def _driver(name: str, work: int) -> tuple[Any, int]:
+def _driver(name: str, work: int, lanes: bool = False) -> tuple[Any, int]:
     """Kernel `name`'s serial driver, or its parallel one for `work` (weight elements x rows)
-    past `PARALLEL_MIN_WORK`, with the chunk count to pass it."""
-    kernels = _kernels()
+    past `PARALLEL_MIN_WORK`, with the chunk count to pass it (`lanes`: of `quant_lanes`)."""
+    kernels = _lane_kernels() if lanes else _kernels()
     if work < PARALLEL_MIN_WORK:
         return getattr(kernels, name), 1
     cpu_attention.numba_threads(torch.get_num_threads())
@@ -58,24 +75,33 @@ def _driver(name: str, work: int) -> tuple[Any, int]:
     return getattr(kernels, name + "_par"), int(numba.get_num_threads())
 
 
-def dequantize_into(m: QuantMatrix, ids: np.ndarray, out: np.ndarray) -> None:
+def dequantize_into(m: Part, ids: np.ndarray, out: np.ndarray) -> None:
     """out `[len(ids), cols]` fp32 = rows `ids` of `m` (Numba; bit-equal to `quant.dequantize`)."""
+    if isinstance(m, LaneMatrix):
+        kernel, n_chunks = _driver("dequant", len(ids) * m.cols, lanes=True)
+        kernel(m.q8, m.qs, m.d, m.m, m.blocks, ids, out, n_chunks)
+        return
     kernels = _kernels()
     kernel, n_chunks = _driver("dequant", len(ids) * m.cols)
     kernel(kernels.FMT_ID[m.fmt], m.data, ids, f16_table(), out, n_chunks)
 
 
 class QuantLinear(CpuLinear):
-    """`x @ W.T (+ bias)` for W the parts' rows concatenated, each part a `QuantMatrix`."""
+    """`x @ W.T (+ bias)` for W the parts' rows concatenated. Exact mode repacks the parts that
+    have a lane layout (`quant_pack.can_pack`); fast mode keeps the GGUF blocks."""
 
     def __init__(
-        self, parts: Sequence[QuantMatrix], bias: Tensor | None = None, mode: str = "exact"
+        self, parts: Sequence[Part], bias: Tensor | None = None, mode: str = "exact"
     ) -> None:
         super().__init__()
         if not parts or len({p.cols for p in parts}) != 1:
             raise ValueError("QuantLinear needs one or more parts of equal cols")
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} not in {MODES}")
+        if mode == "exact":
+            parts = [lane_layout(p) for p in parts]
+        elif any(isinstance(p, LaneMatrix) for p in parts):
+            raise ValueError("fast mode runs on GGUF blocks, not the lane layout")
         self.parts = tuple(parts)
         self.mode = mode
         self.in_features = parts[0].cols
@@ -110,6 +136,26 @@ class QuantLinear(CpuLinear):
         return out
 
     def _gemv(self, x: np.ndarray, out: np.ndarray, accumulate: bool) -> None:
+        if any(isinstance(p, LaneMatrix) for p in self.parts):
+            self._gemv_lanes(x, out, accumulate)
+        if any(isinstance(p, QuantMatrix) for p in self.parts):
+            self._gemv_blocks(x, out, accumulate)
+
+    def _gemv_lanes(self, x: np.ndarray, out: np.ndarray, accumulate: bool) -> None:
+        kernels = _lane_kernels()
+        n_t, k = x.shape
+        nb = k // 32
+        xl = np.empty((n_t, 32, quant_pack.LANE_ROWS * nb), np.float32)  # x laid out in lanes
+        xs = np.empty((n_t, nb), np.float32)  # per-32 block sums
+        kernels.lay_out(x, nb, xl, xs)
+        for part, col0 in zip(self.parts, self.offsets, strict=False):
+            if isinstance(part, LaneMatrix):
+                kernel, n_chunks = _driver("gemv", part.rows * part.cols * n_t, lanes=True)
+                kernel(
+                    part.q8, part.qs, part.d, part.m, xl, xs, nb, out, col0, accumulate, n_chunks
+                )
+
+    def _gemv_blocks(self, x: np.ndarray, out: np.ndarray, accumulate: bool) -> None:
         kernels = _kernels()
         n_t, k = x.shape
         xs = np.empty((n_t, k // 32), np.float32)  # per-32 block sums
@@ -125,6 +171,8 @@ class QuantLinear(CpuLinear):
             xs_exact = xs
         f16 = f16_table()
         for part, col0 in zip(self.parts, self.offsets, strict=False):
+            if not isinstance(part, QuantMatrix):
+                continue
             fmt = kernels.FMT_ID[part.fmt]
             fast = self._fast and fmt < 3
             kernel, n_chunks = _driver("gemv", part.rows * part.cols * n_t)
@@ -132,20 +180,52 @@ class QuantLinear(CpuLinear):
             kernel(fmt, fast, part.data, x, xq, xd, sums, f16, out, col0, accumulate, n_chunks)
 
     def _prefill(self, x: Tensor, residual: Tensor | None) -> Tensor:
-        w = torch.empty(self.out_features, self.in_features)  # [out, in] fp32 scratch
-        wn = w.numpy()
-        for part, r0 in zip(self.parts, self.offsets, strict=False):
-            dequantize_into(part, np.arange(part.rows), wn[r0 : r0 + part.rows])
-        if residual is None:
-            return F.linear(x, w, self.bias)  # [T, out]
-        base = residual if self.bias is None else residual + self.bias
-        return torch.addmm(base, x, w.t())  # [T, out]
+        """Rows of W dequantized a cache-sized chunk at a time into one reused scratch (no
+        fp32 copy of a whole matrix, no page faults per call), each chunk's product by MKL."""
+        if residual is not None:
+            out = residual.to(torch.float32).clone()  # [T, out]
+            if self.bias is not None:
+                out += self.bias
+        elif self.bias is not None:
+            out = self.bias.expand(x.shape[0], -1).clone()  # [T, out]
+        else:
+            out = x.new_zeros(x.shape[0], self.out_features)  # [T, out]
+        cols = self.in_features
+        step_rows = max(8, (PREFILL_CHUNK_ELEMS // cols) // 8 * 8)
+        scratch = _scratch(step_rows * cols)
+        for part, col0 in zip(self.parts, self.offsets, strict=False):
+            for r0 in range(0, part.rows, step_rows):
+                r1 = min(part.rows, r0 + step_rows)
+                n = r1 - r0
+                if isinstance(part, LaneMatrix):  # transposed: contiguous writes, 8 rows a time
+                    wt = scratch[: n * cols].view(cols, n)  # [in, rows] fp32
+                    kernel, n_chunks = _driver("dequant_t", n * cols, lanes=True)
+                    g0, g1 = r0 // quant_pack.LANE_ROWS, r1 // quant_pack.LANE_ROWS
+                    kernel(
+                        part.q8, part.qs, part.d, part.m, part.blocks, g0, g1, wt.numpy(), n_chunks
+                    )
+                else:
+                    wt = scratch[: n * cols].view(n, cols).t()  # [in, rows] fp32
+                    dequantize_into(part, np.arange(r0, r1), wt.t().numpy())
+                out[:, col0 + r0 : col0 + r1].addmm_(x, wt)  # [T, rows]
+        return out
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(n_elems: int) -> Tensor:
+    """This thread's reused fp32 scratch, of at least `n_elems`."""
+    held: Tensor | None = getattr(_SCRATCH, "buf", None)
+    if held is None or held.numel() < n_elems:
+        held = _SCRATCH.buf = torch.empty(n_elems)
+    return held
 
 
 class QuantEmbedding:
     """Token embeddings from a quantized table `[vocab, hidden]`: only looked-up rows decoded."""
 
-    def __init__(self, table: QuantMatrix) -> None:
+    def __init__(self, table: Part) -> None:
         self.table = table
 
     def __call__(self, ids: Tensor) -> Tensor:
@@ -153,3 +233,10 @@ class QuantEmbedding:
         out = np.empty((idx.shape[0], self.table.cols), np.float32)
         dequantize_into(self.table, idx, out)
         return torch.from_numpy(out)  # [T, hidden]
+
+
+def lane_layout(m: Part) -> Part:
+    """`m` in the lane layout where it has one (`quant_pack.can_pack`), else as it is."""
+    if isinstance(m, QuantMatrix) and quant_pack.can_pack(m):
+        return quant_pack.pack(m)
+    return m
