@@ -123,6 +123,7 @@ def test_exact_linear_matches_dequantized(t: int) -> None:
     plain = QL.QuantLinear(parts)
     assert plain.out_features == w.shape[0] and plain.in_features == 512
     assert plain.weight_bytes == sum(QL.lane_layout(p).nbytes for p in parts)
+    # q4_0, q4_1, q8_0 in lanes (distinct formats: not merged), the K formats as blocks
     assert [type(p).__name__ for p in plain.parts] == ["LaneMatrix"] * 3 + ["QuantMatrix"] * 2
     _close(plain(x), x @ w.T, 1e-5)
     biased = QL.QuantLinear(parts, bias=bias)
@@ -165,6 +166,10 @@ def test_lane_layout_holds_the_same_values(fmt: str) -> None:
     assert not QP.can_pack(odd) and QL.lane_layout(odd) is odd
     x = torch.randn(2, 512, generator=torch.Generator().manual_seed(3))  # [T, in]
     _close(QL.QuantLinear([odd, m])(x), x @ torch.cat([Q.dequantize(odd), Q.dequantize(m)]).T, 1e-5)
+    two = m.take_rows(np.arange(16, 48))  # q, k-like parts of one format: one merged matrix
+    merged = QL.QuantLinear([m, two])
+    assert len(merged.parts) == 1 and merged.parts[0].rows == 80 and merged.offsets == [0, 80]
+    _close(merged(x), x @ torch.cat([Q.dequantize(m), Q.dequantize(two)]).T, 1e-5)
 
 
 @pytest.mark.usefixtures("driver")

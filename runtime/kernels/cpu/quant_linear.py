@@ -98,8 +98,8 @@ class QuantLinear(CpuLinear):
             raise ValueError("QuantLinear needs one or more parts of equal cols")
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} not in {MODES}")
-        if mode == "exact":
-            parts = [lane_layout(p) for p in parts]
+        if mode == "exact":  # lane layout, adjacent parts of one format in one matrix (one call)
+            parts = quant_pack.merge_adjacent([lane_layout(p) for p in parts])
         elif any(isinstance(p, LaneMatrix) for p in parts):
             raise ValueError("fast mode runs on GGUF blocks, not the lane layout")
         self.parts = tuple(parts)

@@ -8,6 +8,7 @@ fp32: 24 bytes per q4 block of 32 (the file's 20), 36 per q8_0 block (34).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,3 +88,23 @@ def pack(m: QuantMatrix) -> LaneMatrix:
         m.rows,
         m.cols,
     )
+
+
+def merge_adjacent(parts: Sequence[QuantMatrix | LaneMatrix]) -> list[QuantMatrix | LaneMatrix]:
+    """Runs of adjacent `LaneMatrix` parts of one format as one matrix (their rows stacked):
+    q, k and v, or gate and up, in one kernel call. Others are kept as they are."""
+    out: list[QuantMatrix | LaneMatrix] = []
+    for p in parts:
+        last = out[-1] if out else None
+        if isinstance(p, LaneMatrix) and isinstance(last, LaneMatrix) and last.fmt == p.fmt:
+            out[-1] = LaneMatrix(
+                p.fmt,
+                np.concatenate([last.qs, p.qs]),
+                np.concatenate([last.d, p.d]),
+                np.concatenate([last.m, p.m]),
+                last.rows + p.rows,
+                p.cols,
+            )
+        else:
+            out.append(p)
+    return out
