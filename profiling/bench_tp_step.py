@@ -83,13 +83,19 @@ def main() -> None:
         us = all_reduce_us(0, 0, b, HIDDEN, ALL_REDUCE_REPS)
         print(f"gloo all-reduce of [{b}, {HIDDEN}] fp32 between 2 processes: {us:.0f} us")
     capacity = max(args.batch) * (CONTEXT_TOKENS + 1) + 1
-    for tp in (1, args.tp):
-        engine_args = EngineArgs(tp=tp, data_type=args.data_type, max_total_token_num=capacity)
+    threads = torch.get_num_threads()
+    # --tp 1 as served (all cores), --tp 1 on one core (what each --tp 2 rank gets), --tp N
+    for tp, num_threads in ((1, None), (1, 1), (args.tp, None)):
+        torch.set_num_threads(threads)
+        engine_args = EngineArgs(
+            tp=tp, data_type=args.data_type, max_total_token_num=capacity, num_threads=num_threads
+        )
         runner, _ = load_runner(engine_args)
+        label = f"tp={tp} threads/rank={torch.get_num_threads()}"
         try:
             for b in args.batch:
                 ms = decode_step_ms(runner, b, args.steps)
-                print(f"tp={tp} batch={b}: decode step {ms:.1f} ms ({b / ms * 1e3:.0f} tok/s)")
+                print(f"{label} batch={b}: decode step {ms:.1f} ms ({b / ms * 1e3:.0f} tok/s)")
         finally:
             runner.close()
 

@@ -165,10 +165,6 @@ def _load_tp(
     args: EngineArgs, folder: Path, device: torch.device, threads: int | None
 ) -> tuple[CausalLM, TPGroup]:
     """`--tp N > 1`: rank 0's shard in this process, N-1 worker processes (runtime.parallel)."""
-    if args.quant_type != "none" and device.type == "cpu":
-        raise CheckpointError(
-            f"--tp {args.tp} needs dense weights: use --quant_type none, not {args.quant_type}"
-        )
     dtype, weights = dense_format(args, device)
     return start_group(folder, args.tp, device, dtype, weights, backend_settings(args), threads)
 
@@ -184,6 +180,10 @@ def load_runner(args: EngineArgs) -> tuple[ModelRunner, Tokenizer]:
     """Load weights, tokenizer and KV pool as `args` say (at `--tp N`, rank 0's shard and the
     workers holding the others)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.tp > 1 and args.quant_type != "none" and device.type == "cpu":
+        raise CheckpointError(
+            f"--tp {args.tp} needs dense weights: use --quant_type none, not {args.quant_type}"
+        )
     threads = _threads(args)
     if device.type == "cpu" and threads:
         torch.set_num_threads(threads)

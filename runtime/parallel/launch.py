@@ -143,8 +143,8 @@ class TPGroup:
         self.workers.expect(b"ready")
 
     def close(self) -> None:
-        """End the workers and leave the group (also at interpreter exit; idempotent)."""
-        atexit.unregister(self.close)
+        """End the workers and leave the group (idempotent)."""
+        atexit.unregister(self.workers.close)
         self.workers.close()
         leave_group()
 
@@ -187,7 +187,9 @@ def start_group(
         raise
     log.info("tp rank 0/%d: query heads %s, KV heads %s", world, shard.q_heads, shard.kv_heads)
     group = TPGroup(shard, Collectives(shard), workers)
-    atexit.register(group.close)  # a clean exit ends the workers before the interpreter goes
+    # at interpreter exit: end the workers, but leave the group to the process's end (after a
+    # peer's death, destroying it blocks for seconds)
+    atexit.register(workers.close)
     return model, group
 
 
