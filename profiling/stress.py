@@ -54,14 +54,14 @@ from stress_load import (  # noqa: E402
 SIZES: dict[str, dict[str, Any]] = {
     "full": dict(
         fuzz_requests=10_000, fuzz_workers=8, schema_examples=30, schema_time_s=300,
-        burst_waiting=16, burst_factor=10, burst_len=16, drops=200, drop_wave=15,
+        burst_waiting=64, burst_factor=10, burst_len=16, drops=200, drop_wave=15,
         readers=50, normal_streams=8, normal_len=128, reader_len=1000, soak_s=1200.0,
         soak_clients=8, fault_streams=8, fault_step=200, term_streams=8, term_len=96,
         grace_s=30.0,
     ),
     "small": dict(
         fuzz_requests=300, fuzz_workers=3, schema_examples=2, schema_time_s=20,
-        burst_waiting=4, burst_factor=10, burst_len=4, drops=12, drop_wave=3,
+        burst_waiting=12, burst_factor=10, burst_len=4, drops=12, drop_wave=3,
         readers=8, normal_streams=2, normal_len=24, reader_len=1000, soak_s=20.0,
         soak_clients=3, fault_streams=3, fault_step=40, term_streams=3, term_len=24,
         grace_s=15.0,

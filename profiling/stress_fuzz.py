@@ -47,6 +47,9 @@ RAW = (
     b'{"inputs": "a", "parameters": {"max_new_tokens": ' + b"9" * 5000 + b"}}",
     b"\xef\xbb\xbf{}", b"inputs=hi&parameters=1", b"\x00" * 100, b"{'inputs': 'hi'}",
 )  # fmt: skip
+# Keys whose loss would make a request legitimately long (the default length is up to
+# --max_req_total_len): never deleted, so a request that takes past the timeout is a hang.
+BOUNDING = ("max_new_tokens", "max_tokens", "parameters")
 CONTENT_TYPES = (
     "application/json", "application/json", "application/json", "text/plain",
     "application/json; charset=latin-1", "application/x-www-form-urlencoded",
@@ -116,12 +119,14 @@ class FuzzGen:
         roll = r.random()
         if roll < 0.15:
             obj["unknown_" + str(r.randint(0, 9))] = r.choice(WEIRD)
-        elif roll < 0.25 and key not in ("max_new_tokens", "max_tokens"):
+        elif roll < 0.25 and key not in BOUNDING:
             del obj[key]
         else:
             value = r.choice(WEIRD)
             if key in ("max_new_tokens", "max_tokens") and isinstance(value, int):
                 value = value if value <= 0 or value > 4096 else 2
+            if key in BOUNDING and value in (None, {}):
+                value = -1  # null / {} mean "up to --max_req_total_len": slow, not weird
             obj[key] = value
         return obj
 
@@ -193,7 +198,7 @@ async def fuzz(url_port: int, n: int, workers: int, seed: int, max_body: int, ti
                     continue
             if scope.cancelled_caught:
                 tally["hung"] += 1
-                examples.append(f"HUNG {method} {path} {body[:80]!r}")
+                examples.insert(0, f"HUNG {method} {path} {body[:400]!r}")
                 await cli.close()
                 continue
             statuses[reply.status] += 1
