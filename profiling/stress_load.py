@@ -72,13 +72,26 @@ async def _freed_after_s(srv: Server, capacity: int, baseline: float, limit_s: f
     return float("inf")
 
 
-async def _drop_one(cli: Any, body: dict[str, Any], dropped: list[float]) -> None:
-    """Open a stream, read its first event, hang up."""
-    async with cli.stream("POST", "/generate_stream", json=body) as r:
-        async for line in r.aiter_lines():
-            if line.startswith("data:"):
+async def _drop_one(port: int, body: dict[str, Any], dropped: list[float]) -> None:
+    """Open a stream on a raw socket, read up to its first event, hang up (a plain close, no
+    client library left holding a half-read response)."""
+    data = json.dumps(body).encode()
+    head = (
+        b"POST /generate_stream HTTP/1.1\r\nHost: stress\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(data)
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(head + data)
+        got = b""
+        while b" 200 " in got[:16] or len(got) < 16:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return
+            got += chunk
+            if b"\r\n\r\n" in got and b"data:" in got.split(b"\r\n\r\n", 1)[1]:
                 dropped.append(time.monotonic())  # a running stream: hang up now
-                break
+                return
 
 
 async def scenario_drops(srv: Server, *, capacity: int, total: int, wave: int) -> Outcome:
@@ -87,15 +100,14 @@ async def scenario_drops(srv: Server, *, capacity: int, total: int, wave: int) -
     before = read_metrics(srv.url).get("nurserve_request_aborted", 0.0)
     free_s: list[float] = []
     streaming = 0
-    async with client(srv.url) as cli:
-        for w in range(0, total, wave):
-            dropped: list[float] = []
-            async with trio.open_nursery() as nursery:
-                for i in range(w, min(total, w + wave)):
-                    body = stream_body(f"Request {i}. Write a long essay about the sea.", 900)
-                    nursery.start_soon(_drop_one, cli, body, dropped)
-            free_s.append(await _freed_after_s(srv, capacity, base, 30.0))
-            streaming += len(dropped)
+    for w in range(0, total, wave):
+        dropped: list[float] = []
+        async with trio.open_nursery() as nursery:
+            for i in range(w, min(total, w + wave)):
+                body = stream_body(f"Request {i}. Write a long essay about the sea.", 900)
+                nursery.start_soon(_drop_one, srv.port, body, dropped)
+        free_s.append(await _freed_after_s(srv, capacity, base, 30.0))
+        streaming += len(dropped)
     aborted = read_metrics(srv.url).get("nurserve_request_aborted", 0.0) - before
     out = Outcome("c", f"{total} streams dropped after their first token ({wave} at a time)")
     out.figures = {
