@@ -24,19 +24,25 @@ from stress_common import (
 )
 
 
-async def scenario_burst(srv: Server, *, waiting: int, factor: int, output_len: int) -> Outcome:
-    """(b): factor x --max_waiting_reqs streams at once: 200 (complete) or 503 + Retry-After."""
-    n = waiting * factor
+async def _run_streams(srv: Server, bodies: list[dict[str, Any]]) -> list[StreamResult]:
+    """All `bodies` streamed at once on one client; their results in completion order."""
     results: list[StreamResult] = []
-    start = time.monotonic()
     async with client(srv.url) as cli, trio.open_nursery() as nursery:
-        for i in range(n):
-            body = stream_body(f"Request {i}. Tell me about rivers.", output_len)
+        for body in bodies:
 
             async def one(body: dict[str, Any] = body) -> None:
                 results.append(await run_stream(cli, body))
 
             nursery.start_soon(one)
+    return results
+
+
+async def scenario_burst(srv: Server, *, waiting: int, factor: int, output_len: int) -> Outcome:
+    """(b): factor x --max_waiting_reqs streams at once: 200 (complete) or 503 + Retry-After."""
+    n = waiting * factor
+    start = time.monotonic()
+    bodies = [stream_body(f"Request {i}. Tell me about rivers.", output_len) for i in range(n)]
+    results = await _run_streams(srv, bodies)
     took = time.monotonic() - start
     statuses = Counter(r.status for r in results)
     ok = [r for r in results if r.status == 200]
@@ -141,15 +147,11 @@ def _open_non_reader(port: int, body: bytes) -> socket.socket:
 
 async def _normal_itl(srv: Server, streams: int, output_len: int) -> tuple[list[float], int]:
     """Inter-token gaps of `streams` concurrent normal streams, and how many completed."""
-    results: list[StreamResult] = []
-    async with client(srv.url) as cli, trio.open_nursery() as nursery:
-        for i in range(streams):
-            body = stream_body(f"Normal {i} {time.time()}. Describe a forest.", output_len)
-
-            async def one(body: dict[str, Any] = body) -> None:
-                results.append(await run_stream(cli, body))
-
-            nursery.start_soon(one)
+    bodies = [
+        stream_body(f"Normal {i} {time.time()}. Describe a forest.", output_len)
+        for i in range(streams)
+    ]
+    results = await _run_streams(srv, bodies)
     gaps = [g for r in results for g in r.gaps_s()]
     return gaps, sum(1 for r in results if r.complete)
 

@@ -122,17 +122,22 @@ class QuantLinear(CpuLinear):
 
     def _run(self, x: Tensor, residual: Tensor | None) -> Tensor:
         x = x.to(torch.float32).contiguous()  # [T, in]
-        if x.shape[0] > GEMV_MAX_TOKENS:
-            return self._prefill(x, residual)
+        prefill = x.shape[0] > GEMV_MAX_TOKENS
         if residual is not None:
             out = residual.to(torch.float32).clone()  # [T, out]
             if self.bias is not None:
                 out += self.bias
         elif self.bias is not None:
             out = self.bias.expand(x.shape[0], -1).clone()  # [T, out]
-        else:
+        elif prefill:  # prefill's products add into it
+            out = x.new_zeros(x.shape[0], self.out_features)  # [T, out]
+        else:  # the GEMV stores its sums
             out = x.new_empty(x.shape[0], self.out_features)  # [T, out]
-        self._gemv(x.numpy(), out.numpy(), accumulate=residual is not None or self.bias is not None)
+        if prefill:
+            self._prefill(x, out)
+        else:
+            accumulate = residual is not None or self.bias is not None
+            self._gemv(x.numpy(), out.numpy(), accumulate)
         return out
 
     def _gemv(self, x: np.ndarray, out: np.ndarray, accumulate: bool) -> None:
@@ -179,17 +184,10 @@ class QuantLinear(CpuLinear):
             sums = xs if fast else xs_exact
             kernel(fmt, fast, part.data, x, xq, xd, sums, f16, out, col0, accumulate, n_chunks)
 
-    def _prefill(self, x: Tensor, residual: Tensor | None) -> Tensor:
-        """Rows of W dequantized a cache-sized chunk at a time into one reused scratch (no
-        fp32 copy of a whole matrix, no page faults per call), each chunk's product by MKL."""
-        if residual is not None:
-            out = residual.to(torch.float32).clone()  # [T, out]
-            if self.bias is not None:
-                out += self.bias
-        elif self.bias is not None:
-            out = self.bias.expand(x.shape[0], -1).clone()  # [T, out]
-        else:
-            out = x.new_zeros(x.shape[0], self.out_features)  # [T, out]
+    def _prefill(self, x: Tensor, out: Tensor) -> None:
+        """`out += x @ W.T`: rows of W dequantized a cache-sized chunk at a time into one
+        reused scratch (no fp32 copy of a whole matrix, no page faults per call), each chunk's
+        product by MKL."""
         cols = self.in_features
         step_rows = max(8, (PREFILL_CHUNK_ELEMS // cols) // 8 * 8)
         scratch = _scratch(step_rows * cols)
@@ -208,7 +206,6 @@ class QuantLinear(CpuLinear):
                     wt = scratch[: n * cols].view(n, cols).t()  # [in, rows] fp32
                     dequantize_into(part, np.arange(r0, r1), wt.t().numpy())
                 out[:, col0 + r0 : col0 + r1].addmm_(x, wt)  # [T, rows]
-        return out
 
 
 _SCRATCH = threading.local()
