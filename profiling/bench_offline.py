@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import runtime  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
+import runtime  # noqa: F401  (first: its OpenMP defaults apply before torch loads)
 
 # isort: split
 import torch

@@ -16,7 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
-import runtime  # noqa: F401  (first: sets OMP_WAIT_POLICY before torch loads)
+import runtime  # noqa: F401  (first: its OpenMP defaults apply before torch loads)
 
 # isort: split
 import torch

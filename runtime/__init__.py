@@ -10,7 +10,11 @@ tokenizer and the incremental detokenizer. May import `cuda` (kernels with CPU t
 
 import os
 
-# Idle OpenMP threads sleep instead of spinning: torch's spinning workers otherwise starve the
-# Numba kernels and the HTTP thread of a small machine's cores (profiling/README.md). Only
-# effective when set before torch loads; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP workers spin briefly (GOMP_SPINCOUNT iterations, ~0.1 ms) after a parallel region, then
+# sleep. Sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs a wake-up of 50-100 us per parallel call
+# on these VMs: a batch-1 decode step makes ~150 of them (profiling/README.md, "OpenMP wake-ups");
+# spinning without bound starves the other runtime's threads and the HTTP thread. Both OpenMP
+# runtimes in the process (torch's, Numba's omp layer) read it; only effective before torch
+# loads; an explicit setting (either variable) wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")

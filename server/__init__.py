@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see runtime/__init__.py
+import runtime  # noqa: F401  (first: its OpenMP defaults apply before torch loads)
 
 __all__ = ["create_app"]
 

@@ -29,7 +29,9 @@ def _kernel() -> Any:
         return None
     config: Any = numba.config
     if config.THREADING_LAYER == "default":
-        config.THREADING_LAYER = "workqueue"  # plain pthreads: no second OpenMP runtime
+        # OpenMP first: its workers spin briefly between calls (runtime/__init__.py), where the
+        # workqueue layer's sleep costs 50-100 us per parallel call here; workqueue if no libgomp
+        config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
     from runtime.kernels.cpu import numba_kernels  # module level: Numba can cache it
 
