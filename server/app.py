@@ -164,6 +164,8 @@ def create_app(
         engine = factory(settings)
         state.engine = engine
         await app.nursery.start(_supervise_engine, state, engine, engine_scope, hook)
+        if state.pacer.enabled:
+            app.nursery.start_soon(state.pacer.run)
         state.ready = True
         name = engine.info.model_name if engine.info is not None else "?"
         log.info("engine ready: model %s", name)
@@ -172,6 +174,7 @@ def create_app(
     async def _stop_engine() -> None:
         state.shutting_down = True
         engine_scope.cancel()
+        state.pacer.diag.close()
 
     return app
 

@@ -6,12 +6,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from quart import Blueprint, Response, current_app
+from quart import Blueprint, Response, current_app, request
 
 from runtime.engine.api import EngineDead, ErrorEvent, QueueFull, ScoreEvent, TokenEvent
 from runtime.sampling.params import SamplingParams
 
 from .errors import SERVER, ApiError, json_response
+from .flow import tcp_conn
 from .state import Live, ServerState, get_state
 from .stream import StreamJob, start_stream, stream_response_body, token_dict
 from .tracking import track_request
@@ -165,7 +166,8 @@ async def _generate(req: GenerateRequest, state: ServerState, live: Live) -> Res
 
 async def _generate_stream(req: GenerateRequest, state: ServerState) -> Response:
     """Submit, then answer 200 with a body that only reads the producer's channel."""
-    job = await start_stream(state, current_app.nursery, req)  # type: ignore[attr-defined]
+    nursery = current_app.nursery  # type: ignore[attr-defined]
+    job = await start_stream(state, nursery, req, conn=tcp_conn(request.scope))
     return sse_response(job)
 
 

@@ -139,6 +139,11 @@ class StateCollector(Collector):
             "streams aborted (KV freed) because their client stopped reading",
             value=c.stream_slow_aborts,
         )
+        yield CounterMetricFamily(
+            "nurserve_stream_holds",
+            "times a stream sat out of the decode batch because its client lagged in reading",
+            value=c.stream_holds,
+        )
         closes = getattr(getattr(state, "guard", None), "closed_unread", 0)
         yield CounterMetricFamily(
             "nurserve_http_unread_body_closes",

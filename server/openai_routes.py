@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 
-from quart import Blueprint, Response, current_app
+from quart import Blueprint, Response, current_app, request
 
 from .errors import json_response
+from .flow import tcp_conn
 from .generation import accepting_engine, live_engine, run_request, sse_response
 from .openai_schema import OpenAIRequest, parse_chat, parse_completion
 from .openai_stream import OpenAIEncoder, response_body
@@ -47,6 +48,7 @@ async def _serve(state: ServerState, live: Live, req: OpenAIRequest) -> Response
             current_app.nursery,  # type: ignore[attr-defined]
             GenerateRequest(req.prompt_ids, req.params, False, True),
             encoder,
+            tcp_conn(request.scope),
         )
         return sse_response(job)
     done = await run_request(state, live, req.prompt_ids, req.params)

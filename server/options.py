@@ -249,6 +249,17 @@ OPTIONS: tuple[Option, ...] = (
         "aborted (its KV freed) and the stream ends with an error event",
     ),
     Option(
+        "stream_pause_bytes",
+        "int",
+        "a stream whose client has this many bytes sent but unread (from its TCP window) sits "
+        "out of the decode batch, KV kept, until it reads; 0 = off",
+    ),
+    Option(
+        "stream_stall_s",
+        "float",
+        "a stream whose client read nothing for this long is aborted (its KV freed)",
+    ),
+    Option(
         "socket_send_buffer_bytes",
         "int",
         "SO_SNDBUF of client connections (0 = the kernel's autotuning), so that a client that "

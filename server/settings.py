@@ -70,6 +70,8 @@ class Settings:
     access_log: bool = False
     body_timeout_s: float = 15.0
     stream_buffer_events: int = 256
+    stream_pause_bytes: int = 2048
+    stream_stall_s: float = 30.0
     socket_send_buffer_bytes: int = 65536
     api_key: str | None = field(default=None, repr=False)
     api_key_file: str | None = None
@@ -115,6 +117,7 @@ class Settings:
             "death_exit_delay_s",
             "keep_alive_s",
             "socket_send_buffer_bytes",
+            "stream_pause_bytes",
         )
         for name in non_negative:
             value = getattr(self, name)
@@ -122,8 +125,10 @@ class Settings:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if self.mem_fraction is not None and not 0.0 < self.mem_fraction <= 1.0:
             raise ValueError(f"mem_fraction must be in (0, 1], got {self.mem_fraction}")
-        if self.stall_timeout_s <= 0 or self.startup_timeout_s <= 0 or self.body_timeout_s <= 0:
-            raise ValueError("stall_timeout_s, startup_timeout_s and body_timeout_s must be > 0")
+        timeouts = ("stall_timeout_s", "startup_timeout_s", "body_timeout_s", "stream_stall_s")
+        for name in timeouts:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         for opt in OPTIONS:

@@ -10,8 +10,9 @@ import trio
 from prometheus_client import CollectorRegistry
 from quart import current_app
 
-from runtime.engine.api import LoadFigures, ModelInfo, ScoreEvent
+from runtime.engine.api import Hold, LoadFigures, ModelInfo, ScoreEvent
 
+from .flow import Pacer
 from .metrics import Histograms, new_registry
 from .settings import Settings
 
@@ -34,8 +35,10 @@ class EngineLike(Protocol):
     def load(self) -> LoadFigures: ...
 
     def generate(
-        self, prompt_ids: list[int], params: Any
+        self, prompt_ids: list[int], params: Any, hold: Hold | None = None
     ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Any]]: ...
+
+    def set_held(self, hold: Hold, held: bool) -> None: ...
 
     async def score(self, prompt_ids: list[int]) -> ScoreEvent: ...
 
@@ -62,6 +65,7 @@ class Counters:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     stream_slow_aborts: int = 0  # streams aborted because their client stopped reading
+    stream_holds: int = 0  # times a stream's sequences were held because its client lagged
     http_errors: dict[int, int] = field(default_factory=dict)
 
     def count_outcome(self, outcome: str) -> None:
@@ -86,12 +90,14 @@ class ServerState:
     in_flight: int = 0
     last_progress_s: float = 0.0  # trio.current_time() of the last event delivered
     counters: Counters = field(default_factory=Counters)
+    pacer: Pacer = field(init=False, repr=False)  # streams paced by their client's TCP window
     guard: Any = None  # server.guard.ConnectionGuard (its count of unread-body closes)
     registry: CollectorRegistry = field(init=False, repr=False)
     histograms: Histograms = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.registry, self.histograms = new_registry(self)
+        self.pacer = Pacer(self.settings.stream_pause_bytes, self.settings.stream_stall_s)
 
     def live(self) -> Live | None:
         """The engine with its info, or None before it loaded."""

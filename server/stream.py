@@ -5,7 +5,9 @@ A streamed request runs in a producer task in the app's nursery: it enters
 encoded `data:{json}\\n\\n` events into a memory channel and never blocks. The channel holds
 at most `--stream_buffer_events` events: a client that stops reading (its socket buffers full,
 the body generator stuck in its write) gets its request aborted there, KV freed, and the
-stream ends with an error event, so it never holds engine capacity. The response body is a plain async generator that only reads that channel (no nursery or cancel
+stream ends with an error event, so it never holds engine capacity. Before that, `server.flow`
+holds the request out of the decode batch while the client's TCP window says it lags, so a
+non-reader costs the other streams nothing. The response body is a plain async generator that only reads that channel (no nursery or cancel
 scope around a `yield`); when the client leaves, Quart closes the generator and its
 `finally` cancels the producer, whose exit from `engine.generate` aborts the request.
 
@@ -25,10 +27,11 @@ from typing import Any, Protocol
 
 import trio
 
-from runtime.engine.api import EngineDead, ErrorEvent, TokenEvent
+from runtime.engine.api import EngineDead, ErrorEvent, Hold, TokenEvent
 
 from .errors import SERVER, dumps
-from .state import ServerState
+from .flow import TcpConn, Watched
+from .state import Live, ServerState
 from .tracking import Recorder, track_request
 from .validation import GenerateRequest
 
@@ -116,6 +119,8 @@ class StreamJob:
     consumer_started: bool = False
     limit: float = math.inf  # most events waiting for the client (--stream_buffer_events)
     overflowed: bool = False  # the client stopped reading: the limit was hit
+    conn: TcpConn | None = None  # its TCP connection, for pacing by the client's window
+    stalled: bool = False  # the client read nothing for --stream_stall_s
 
     def abort(self) -> None:
         """Stop the producer (synchronous: safe in a generator's `finally`)."""
@@ -128,10 +133,11 @@ async def start_stream(
     nursery: trio.Nursery,
     req: GenerateRequest,
     encoder: Encoder | None = None,
+    conn: TcpConn | None = None,
 ) -> StreamJob:
     """Submit a streamed request; raises QueueFull/EngineDead before anything is sent."""
     send, receive = trio.open_memory_channel[bytes](math.inf)
-    job = StreamJob(send, receive, limit=state.settings.stream_buffer_events)
+    job = StreamJob(send, receive, limit=state.settings.stream_buffer_events, conn=conn)
     await nursery.start(_produce, state, req, job, encoder or LightLLMEncoder(req.n))
     return job
 
@@ -151,12 +157,13 @@ async def _produce(
     started = False
     try:
         with job.scope:
-            async with live.engine.generate(req.prompt_ids, req.params) as events:
+            hold = Hold()
+            async with live.engine.generate(req.prompt_ids, req.params, hold) as events:
                 async with track_request(state, len(req.prompt_ids)) as rec:
                     started = True
                     task_status.started()
                     try:
-                        rec.outcome = await _pump(rec, req, events, job, encoder)
+                        rec.outcome = await _paced(live, hold, rec, req, events, job, encoder)
                     except Exception as exc:
                         rec.outcome = "failure"
                         _fail(job, encoder, exc)
@@ -166,6 +173,39 @@ async def _produce(
         _fail(job, encoder, exc)
     finally:
         job.send.close()
+
+
+async def _paced(
+    live: Live,
+    hold: Hold,
+    rec: Recorder,
+    req: GenerateRequest,
+    events: trio.MemoryReceiveChannel[Any],
+    job: StreamJob,
+    encoder: Encoder,
+) -> str:
+    """`_pump`, with the request held while its client lags in reading (`server.flow`)."""
+    state = rec.state
+    if job.conn is None or not state.pacer.enabled:
+        return await _pump(rec, req, events, job, encoder)
+
+    def set_held(held: bool) -> None:
+        state.counters.stream_holds += held
+        live.engine.set_held(hold, held)
+
+    with trio.CancelScope() as scope:
+
+        def stalled() -> None:
+            job.stalled = True
+            scope.cancel()
+
+        entry = Watched(job.conn, set_held, stalled)
+        state.pacer.watch(entry)
+        try:
+            return await _pump(rec, req, events, job, encoder)
+        finally:
+            state.pacer.unwatch(entry)
+    return _gave_up(rec, job, encoder)  # the pacer gave up on the client
 
 
 def _fail(job: StreamJob, encoder: Encoder, exc: Exception) -> None:
@@ -222,14 +262,15 @@ async def _pump(
 
 def _gave_up(rec: Recorder, job: StreamJob, encoder: Encoder) -> str:
     """The client is gone, or stopped reading (then: log, count, end with an error event)."""
-    if job.overflowed:
+    if job.overflowed or job.stalled:
         rec.state.counters.stream_slow_aborts += 1
-        log.warning(
-            "stream aborted: its client stopped reading (%d events waiting, "
-            "--stream_buffer_events %d); KV freed",
-            job.send.statistics().current_buffer_used,
-            job.limit,
+        why = (
+            f"{job.send.statistics().current_buffer_used} events waiting, "
+            f"--stream_buffer_events {job.limit}"
+            if job.overflowed
+            else f"nothing read for --stream_stall_s {rec.state.settings.stream_stall_s:g} s"
         )
+        log.warning("stream aborted: its client stopped reading (%s); KV freed", why)
         _push(job, encoder.error("stream aborted: the client stopped reading"), force=True)
     return "aborted"
 

@@ -130,3 +130,29 @@ def test_preemption_when_optimistic_estimate_overflows() -> None:
     assert {q.seq_id for q in finished} == {0, 1}
     assert all(len(q.output_ids) == 40 for q in finished)
     assert s.allocator.num_used == 0
+
+
+def test_held_sequences_sit_out_of_decode_and_keep_their_slots() -> None:
+    from runtime.engine.api import Hold
+
+    s = make()
+    hold = Hold()
+    a, b = Seq(0, [1, 2, 3], max_new_tokens=50, hold=hold), Seq(1, [4, 5], max_new_tokens=50)
+    s.add(a)
+    s.add(b)
+    run_step(s)  # both prefill and sample their first token
+    hold.held = True
+    slots_a = list(a.slots)
+    plan = s.schedule()
+    assert [c.seq for c in plan.chunks] == [b]  # only b decodes
+    s.commit(plan)
+    assert a.slots == slots_a and a.status is SeqStatus.RUNNING  # KV kept
+    b.output_ids.append(7)
+    s.finish(b)
+    assert not s.has_work  # the only running sequence is held: nothing to step
+    hold.held = False
+    assert s.has_work
+    plan = s.schedule()
+    assert [(c.seq, c.start, c.length) for c in plan.chunks] == [
+        (a, 3, 1)
+    ]  # its first output token

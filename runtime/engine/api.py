@@ -37,6 +37,15 @@ class ScoreEvent:
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
+@dataclass
+class Hold:
+    """A request's switch, set by its consumer: while `held`, its sequences sit out of the decode
+    batch with their KV kept (the client is not reading what they make). The scheduler reads it
+    each step; the engine's `set_held` flips it and wakes the loop."""
+
+    held: bool = False
+
+
 @dataclass(frozen=True)
 class ErrorEvent:
     """The engine failed while this request was in flight; the request is over."""

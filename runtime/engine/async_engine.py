@@ -10,12 +10,24 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppres
 
 import trio
 
-from runtime.engine.api import EngineDead, ErrorEvent, LoadFigures, ModelInfo, QueueFull, ScoreEvent
+from runtime.engine.api import (
+    EngineDead,
+    ErrorEvent,
+    Hold,
+    LoadFigures,
+    ModelInfo,
+    QueueFull,
+    ScoreEvent,
+)
 from runtime.engine.args import EngineArgs
 from runtime.engine.core import EngineCore, Event, Request
 from runtime.engine.loader import load_runner
 from runtime.sampling.params import SamplingParams
 from runtime.text.tokenizer import Tokenizer
+
+# A step that scheduled nothing (every running sequence held, the waiting ones not admitted)
+# is retried after this long or at the next submission, abort or release.
+IDLE_RECHECK_S = 0.05
 
 
 class AsyncEngine:
@@ -59,6 +71,10 @@ class AsyncEngine:
                 self.last_step_done_s = trio.current_time()
                 self._deliver(events)
                 core.timer.lap("deliver")
+                if core.last_step_empty:  # nothing could run: wait for a change, not spin
+                    with trio.move_on_after(IDLE_RECHECK_S):
+                        await self._wakeup.wait()
+                    self._wakeup = trio.Event()
         except BaseException as exc:
             self.dead = exc
             for send in list(self._channels.values()):
@@ -114,12 +130,18 @@ class AsyncEngine:
             raise QueueFull(core.num_waiting())
         return core
 
+    def set_held(self, hold: Hold, held: bool) -> None:
+        """Hold a request's sequences out of the decode batch, or let them go (KV kept)."""
+        hold.held = held
+        if not held:
+            self._wakeup.set()
+
     @asynccontextmanager
     async def _submit(
-        self, prompt_ids: list[int], params: SamplingParams, score: bool
+        self, prompt_ids: list[int], params: SamplingParams, score: bool, hold: Hold | None = None
     ) -> AsyncIterator[trio.MemoryReceiveChannel[Event]]:
         core = self._check_accepting()
-        req = core.new_request(next(self._req_ids), prompt_ids, params, score)
+        req = core.new_request(next(self._req_ids), prompt_ids, params, score, hold)
         send, recv = trio.open_memory_channel[Event](math.inf)
         self._channels[req.req_id] = send
         core.submit(req)
@@ -135,10 +157,11 @@ class AsyncEngine:
                 self._wakeup.set()
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams
+        self, prompt_ids: list[int], params: SamplingParams, hold: Hold | None = None
     ) -> AbstractAsyncContextManager[trio.MemoryReceiveChannel[Event]]:
-        """Submit on enter; leaving the block before the last event aborts the request."""
-        return self._submit(prompt_ids, params, score=False)
+        """Submit on enter; leaving the block before the last event aborts the request. `hold`
+        lets the consumer pause it (`set_held`)."""
+        return self._submit(prompt_ids, params, score=False, hold=hold)
 
     async def score(self, prompt_ids: list[int]) -> ScoreEvent:
         """Score a prompt with the reward head (prefill only)."""

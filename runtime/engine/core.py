@@ -12,7 +12,14 @@ from threading import Lock
 
 from torch import Tensor
 
-from runtime.engine.api import ErrorEvent, FinishReason, ModelInfo, ScoreEvent, TokenEvent
+from runtime.engine.api import (
+    ErrorEvent,
+    FinishReason,
+    Hold,
+    ModelInfo,
+    ScoreEvent,
+    TokenEvent,
+)
 from runtime.engine.args import EngineArgs
 from runtime.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, Seq, StepPlan
 from runtime.model.batch import SeqChunk
@@ -107,6 +114,7 @@ class EngineCore:
         self._steps = 0
         self.timer = PhaseTimer()
         self.load_figures = self.scheduler.load()
+        self.last_step_empty = False  # the last step scheduled nothing (all held, or no room)
 
     def model_info(self) -> ModelInfo:
         """What the server needs to know about the loaded model."""
@@ -135,7 +143,12 @@ class EngineCore:
         return len(self.scheduler.waiting) + len(self._inbox)
 
     def new_request(
-        self, req_id: int, prompt_ids: list[int], params: SamplingParams, score: bool
+        self,
+        req_id: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        score: bool,
+        hold: Hold | None = None,
     ) -> Request:
         req = Request(req_id, list(prompt_ids), params)
         default_seed = self._rng.getrandbits(63)  # drawn for every request: arrival order decides
@@ -143,7 +156,12 @@ class EngineCore:
         max_new = params.max_new_tokens or max(1, limit - len(prompt_ids))
         for i in range(1 if score else params.n):
             seq = Seq(
-                next(self._seq_ids), req.prompt_ids, max_new, params.ignore_eos, score_only=score
+                next(self._seq_ids),
+                req.prompt_ids,
+                max_new,
+                params.ignore_eos,
+                score_only=score,
+                hold=hold,
             )
             detok = (
                 None
@@ -165,6 +183,7 @@ class EngineCore:
         """schedule -> plan -> forward -> sample -> update; returns the events to deliver."""
         self._drain_inbox()
         plan = self.scheduler.schedule()
+        self.last_step_empty = plan.empty
         events: list[tuple[Request, Event]] = []
         if not plan.empty:
             self._count_step(plan)

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from runtime.engine.api import LoadFigures
+from runtime.engine.api import Hold, LoadFigures
 from runtime.engine.prefix_cache import Node, PrefixCache, common_prefix
 from runtime.engine.slots import SlotAllocator
 
@@ -52,6 +52,11 @@ class Seq:
     prefix_len: int = 0  # slots[:prefix_len] belong to the prefix cache, the rest to us
     cached_tokens: int = 0  # prompt tokens attached from the cache when the first token came
     payload: object = None  # the engine's per-sequence state (sampling, detokenizer, request)
+    hold: Hold | None = None  # its consumer's switch: held sequences do not decode
+
+    @property
+    def held(self) -> bool:
+        return self.hold is not None and self.hold.held
 
     @property
     def all_ids(self) -> list[int]:
@@ -131,7 +136,8 @@ class Scheduler:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Something to schedule: a waiting sequence, or a running one not held."""
+        return bool(self.waiting) or any(not s.held for s in self.running)
 
     # ---- the prefix cache ---------------------------------------------------------------
     def _attach(self, seq: Seq) -> None:
@@ -188,8 +194,8 @@ class Scheduler:
         the cached prefix, which `peak_tokens` counts once for all its holders."""
         out = len(seq.output_ids)
         a = max(seq.num_tokens + 1, len(seq.slots) + 1) - seq.prefix_len
-        if seq.score_only:
-            return a, 0
+        if seq.score_only or seq.held:  # a held sequence grows only when let go (preemption
+            return a, 0  # covers a pool that runs dry then): it must not keep others waiting
         if busy or seq.ignore_eos:
             b = seq.max_new_tokens - out
         else:
@@ -225,12 +231,10 @@ class Scheduler:
         decode: list[ScheduledChunk] = []
         prefill: list[ScheduledChunk] = []
         budget = self.cfg.batch_max_tokens
-        self._make_room_for_decode()
-        for seq in self.running:
-            if not seq.prefilling:
-                seq.slots.extend(self.allocator.alloc(1))
-                decode.append(ScheduledChunk(seq, seq.num_computed, 1, True))
-                budget -= 1
+        for seq in self._make_room_for_decode():
+            seq.slots.extend(self.allocator.alloc(1))
+            decode.append(ScheduledChunk(seq, seq.num_computed, 1, True))
+            budget -= 1
         for seq in self.running:  # unfinished chunked prefills first
             if seq.prefilling and budget > 0:
                 budget -= self._plan_prefill(seq, budget, prefill)
@@ -289,15 +293,16 @@ class Scheduler:
         out.append(ScheduledChunk(seq, seq.num_computed, length, length == remaining))
         return length
 
-    def _make_room_for_decode(self) -> None:
-        """Preempt the youngest running sequences while the pool cannot give every decode a slot.
+    def _make_room_for_decode(self) -> list[Seq]:
+        """The sequences that decode this step (not held), after preempting the youngest running
+        ones while the pool cannot give each a slot.
 
         A victim's computed K/V goes to the prefix cache: unheld, it counts as free, and if it
         is not evicted meanwhile the victim attaches it again on readmission."""
-        while self.running:
-            need = sum(1 for s in self.running if not s.prefilling)
-            if need <= self.allocator.num_free:
-                return
+        while True:
+            decoding = [s for s in self.running if not s.prefilling and not s.held]
+            if len(decoding) <= self.allocator.num_free or not self.running:
+                return decoding
             victim = self.running.pop()
             self._publish(victim)
             self._release(victim)
