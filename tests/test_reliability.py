@@ -40,6 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
             "--body_timeout_s", str(BODY_TIMEOUT_S),
             "--keep_alive_s", str(KEEP_ALIVE_S),
             "--stream_buffer_events", "32",
+            "--stream_stall_s", "3",
             "--socket_send_buffer_bytes", "16384",
             "--api_key_file", str(keys),
         ],
@@ -134,9 +135,8 @@ def _metric(server: ServerProcess, name: str) -> float:
     return float(line.split()[-1])
 
 
-@pytest.mark.slow
-def test_clients_that_stop_reading_are_aborted(server: ServerProcess) -> None:
-    """Four streams never read: each is aborted at the buffer bound, its KV freed."""
+def _abort_non_readers(server: ServerProcess, auth: bytes, count: int) -> None:
+    """`count` streams that never read are aborted and their KV freed; a reader still works."""
     body = json.dumps(
         {
             "inputs": "Tell me a long story.",
@@ -145,24 +145,25 @@ def test_clients_that_stop_reading_are_aborted(server: ServerProcess) -> None:
     ).encode()
     head = (
         b"POST /generate_stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer " + KEY_ENV.encode() + b"\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body)
+        + auth
+        + b"Content-Length: %d\r\n\r\n" % len(body)
     )
+    headers = {"Authorization": auth[len("Authorization: ") : -2].decode()} if auth else {}
     before = _metric(server, "nurserve_stream_slow_reader_aborts_total")
     socks = []
     try:
-        for _ in range(4):
+        for _ in range(count):
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect(("127.0.0.1", server.port))
             sock.sendall(head + body)
             socks.append(sock)
         deadline = time.monotonic() + 60
-        while _metric(server, "nurserve_stream_slow_reader_aborts_total") < before + 4:
+        while _metric(server, "nurserve_stream_slow_reader_aborts_total") < before + count:
             assert time.monotonic() < deadline, "non-reading streams were not aborted"
             time.sleep(0.5)
         assert _metric(server, "nurserve_requests_in_flight") == 0
-        load = httpx.get(server.base_url + "/token_load", headers=AUTH, timeout=10).json()
+        load = httpx.get(server.base_url + "/token_load", headers=headers, timeout=10).json()
         assert load["current_load"] < 0.05  # KV freed (at most cached prompt slots remain)
     finally:
         for sock in socks:
@@ -171,10 +172,37 @@ def test_clients_that_stop_reading_are_aborted(server: ServerProcess) -> None:
     r = httpx.post(
         server.base_url + "/generate_stream",
         json={"inputs": "Hi", "parameters": {"max_new_tokens": 8, "ignore_eos": True}},
-        headers=AUTH,
+        headers=headers,
         timeout=60,
     )
     assert r.status_code == 200 and r.text.count("data:") == 8
+
+
+@pytest.mark.slow
+def test_clients_that_stop_reading_are_held_then_aborted(server: ServerProcess) -> None:
+    """Four streams never read: each is held out of the decode batch (its client's TCP window
+    closed), then aborted when it read nothing for --stream_stall_s, its KV freed."""
+    holds = _metric(server, "nurserve_stream_holds_total")
+    generated = _metric(server, "nurserve_generated_tokens_total")
+    _abort_non_readers(server, b"Authorization: Bearer " + KEY_ENV.encode() + b"\r\n", 4)
+    assert _metric(server, "nurserve_stream_holds_total") >= holds + 4  # paced first
+    # Held, they made few tokens: about a closed 4 KB window each, plus probes (not 32 + 900).
+    assert _metric(server, "nurserve_generated_tokens_total") - generated < 4 * 120 + 8
+
+
+@pytest.mark.slow
+def test_without_pacing_the_event_bound_aborts_non_readers() -> None:
+    """--stream_pause_bytes 0: the --stream_buffer_events bound alone still aborts them."""
+    srv = start_server(
+        ["--max_total_token_num", "8192", "--max_req_total_len", "1024",
+         "--stream_pause_bytes", "0", "--stream_buffer_events", "16",
+         "--socket_send_buffer_bytes", "8192"]
+    )  # fmt: skip
+    try:
+        _abort_non_readers(srv, b"", 2)
+        assert _metric(srv, "nurserve_stream_holds_total") == 0
+    finally:
+        srv.stop()
 
 
 @pytest.mark.slow

@@ -53,6 +53,7 @@ def test_small_run_of_every_scenario(tmp_path: Path) -> None:
         "--size", "small", "--fuzz-requests", "200", "--schema-time-s", "10",
         "--soak-s", "15", "--threads", "1", "--json", str(out),
         "--server-arg=--stream_buffer_events=32", "--server-arg=--socket_send_buffer_bytes=8192",
+        "--server-arg=--stream_stall_s=3",
     ]  # fmt: skip
     stress.main(argv)
     doc = json.loads(out.read_text())
