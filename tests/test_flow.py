@@ -5,12 +5,12 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import trio
 
-from server.flow import Pacer, ReadLag, SockDiag, TcpConn, Watched, tcp_conn
+from server.flow import PROBE_MAX_S, Pacer, ReadLag, SockDiag, TcpConn, Watched, tcp_conn
 
 EVENT = b"x" * 190  # about one LightLLM stream event
 
@@ -76,14 +76,25 @@ def test_read_lag_grows_only_while_the_client_does_not_read() -> None:
     assert lag.update(3000, 4096) == 0  # it read everything: caught up
 
 
-def _drive(pacer: Pacer, srv: socket.socket, calls: list[object], seconds: float) -> None:
-    """Send an event every 5 ms while not held and poll the pacer every 20 ms, for `seconds`."""
+def _drive(
+    pacer: Pacer,
+    srv: socket.socket,
+    calls: list[object],
+    seconds: float,
+    then: Callable[[], None] | None = None,
+    then_s: float = 0.0,
+) -> None:
+    """Send an event every 5 ms while not held and poll the pacer every 20 ms, for `seconds`;
+    call `then` once after `then_s` (one `trio.run`: each run's clock has its own offset)."""
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pacer.run)
-            end = trio.current_time() + seconds
-            while trio.current_time() < end and "stall" not in calls:
+            start, pending = trio.current_time(), then
+            while trio.current_time() < start + seconds and "stall" not in calls:
+                if pending is not None and trio.current_time() >= start + then_s:
+                    pending()
+                    pending = None
                 if True not in calls[-1:]:
                     try:
                         srv.send(EVENT, socket.MSG_DONTWAIT)
@@ -114,9 +125,8 @@ def test_pacer_holds_probes_and_gives_up_on_a_client_that_never_reads(
     assert not pacer._watched  # no longer watched
 
 
-def _reading(cli: socket.socket) -> tuple[threading.Thread, threading.Event]:
-    """A thread that reads `cli` until the event is set (started)."""
-    stop = threading.Event()
+def _reading(cli: socket.socket, stop: threading.Event) -> threading.Thread:
+    """A thread that reads `cli` until `stop` is set (started)."""
 
     def read() -> None:
         cli.settimeout(0.05)
@@ -126,7 +136,7 @@ def _reading(cli: socket.socket) -> tuple[threading.Thread, threading.Event]:
 
     reader = threading.Thread(target=read)
     reader.start()
-    return reader, stop
+    return reader
 
 
 def test_pacer_never_holds_a_client_that_reads(diag: SockDiag) -> None:
@@ -137,7 +147,8 @@ def test_pacer_never_holds_a_client_that_reads(diag: SockDiag) -> None:
         if diag.window(conn) is None:
             pytest.skip("no sock_diag with tcpi_snd_wnd here")
         pacer.watch(Watched(conn, calls.append, lambda: calls.append("stall")))
-        reader, stop = _reading(cli)
+        stop = threading.Event()
+        reader = _reading(cli, stop)
         try:
             _drive(pacer, srv, calls, 2.0)
         finally:
@@ -147,20 +158,26 @@ def test_pacer_never_holds_a_client_that_reads(diag: SockDiag) -> None:
 
 
 def test_pacer_lets_go_of_a_client_that_reads_again(diag: SockDiag) -> None:
-    srv, cli, conn = _pair(4096)
+    srv, cli, conn = _pair()
     calls: list[object] = []
     pacer = Pacer(pause_bytes=2048, stall_s=30.0, diag=diag)
+    stop = threading.Event()
+    reader: list[threading.Thread] = []
+
+    def start_reading() -> None:
+        assert calls[:1] == [True], calls  # held while it did not read
+        calls.append("reading")
+        reader.append(_reading(cli, stop))
+
     with srv, cli:
         if diag.window(conn) is None:
             pytest.skip("no sock_diag with tcpi_snd_wnd here")
         pacer.watch(Watched(conn, calls.append, lambda: calls.append("stall")))
-        _drive(pacer, srv, calls, 1.0)
-        assert calls[0] is True, calls
-        before = len(calls)
-        reader, stop = _reading(cli)
-        try:
-            _drive(pacer, srv, calls, 1.0)
+        try:  # held within 1 s; let go within the longest probe interval of reading again
+            _drive(pacer, srv, calls, 1.0 + PROBE_MAX_S + 1.0, start_reading, 1.0)
         finally:
             stop.set()
-            reader.join()
-    assert calls[-1] is False and len(calls) - before <= 1, calls  # let go, and not held again
+            for thread in reader:
+                thread.join()
+    after = calls[calls.index("reading") + 1 :]
+    assert after and after[0] is False and True not in after, calls  # let go, not held again
