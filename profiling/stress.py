@@ -13,7 +13,8 @@ Scenarios (each prints its figures and PASS/FAIL checks; the JSON holds everythi
      Retry-After
   c  --drops streams dropped after their first token: requests and KV freed within 1 s
   d  --readers clients that never read beside --normal-streams streams: the normal streams'
-     ITL p50 within 1.3x of the same streams alone; every non-reader aborted
+     ITL p50 within 1.3x of the same streams alone (median of --reader-rounds interleaved
+     rounds); every non-reader aborted
   e  soak: --soak-clients closed-loop clients for --soak-s: RSS growth <= 5 %, 0 failed
      requests, 0 leaked KV slots (stress_load.py)
   f  the engine fails mid-load (--fault_inject_step): streams end with an error event,
@@ -55,14 +56,16 @@ SIZES: dict[str, dict[str, Any]] = {
     "full": dict(
         fuzz_requests=10_000, fuzz_workers=8, schema_examples=30, schema_time_s=300,
         burst_waiting=64, burst_factor=10, burst_len=16, drops=200, drop_wave=15,
-        readers=50, normal_streams=8, normal_len=128, reader_len=1000, soak_s=1200.0,
+        readers=50, normal_streams=8, normal_len=128, reader_len=1000, reader_rounds=3,
+        soak_s=1200.0,
         soak_clients=8, fault_streams=8, fault_step=200, term_streams=8, term_len=96,
         grace_s=30.0,
     ),
     "small": dict(
         fuzz_requests=300, fuzz_workers=3, schema_examples=2, schema_time_s=20,
         burst_waiting=12, burst_factor=10, burst_len=4, drops=12, drop_wave=3,
-        readers=8, normal_streams=2, normal_len=24, reader_len=1000, soak_s=20.0,
+        readers=8, normal_streams=2, normal_len=24, reader_len=1000, reader_rounds=1,
+        soak_s=20.0,
         soak_clients=3, fault_streams=3, fault_step=40, term_streams=3, term_len=24,
         grace_s=15.0,
     ),
@@ -141,6 +144,7 @@ async def run_selected(
             res = await scenario_slow_readers(
                 srv, capacity=cap, readers=sz["readers"], streams=sz["normal_streams"],
                 output_len=sz["normal_len"], reader_len=sz["reader_len"],
+                rounds=sz["reader_rounds"],
             )  # fmt: skip
         elif letter == "e":
             res = await scenario_soak(

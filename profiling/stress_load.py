@@ -156,11 +156,11 @@ async def _normal_itl(srv: Server, streams: int, output_len: int) -> tuple[list[
     return gaps, sum(1 for r in results if r.complete)
 
 
-async def scenario_slow_readers(
-    srv: Server, *, capacity: int, readers: int, streams: int, output_len: int, reader_len: int
-) -> Outcome:
-    """(d): normal streams' ITL p50 alone, then beside `readers` clients that never read."""
-    base_gaps, base_ok = await _normal_itl(srv, streams, output_len)
+async def _beside_readers(
+    srv: Server, readers: int, streams: int, output_len: int, reader_len: int
+) -> tuple[list[float], int, int]:
+    """Normal streams' gaps beside `readers` clients that never read, how many completed, and
+    how many of the non-readers were aborted (waited for, up to 120 s)."""
     before = read_metrics(srv.url).get("nurserve_stream_slow_reader_aborts_total", 0.0)
     body = json.dumps(stream_body("Tell me a very long story.", reader_len)).encode()
     socks = [_open_non_reader(srv.port, body) for _ in range(readers)]
@@ -175,26 +175,56 @@ async def scenario_slow_readers(
             if aborted >= readers or m.get("nurserve_requests_in_flight", 1.0) == 0:
                 break
             await trio.sleep(0.25)
-        held = await trio.to_thread.run_sync(kv_in_use, srv.url, capacity)
     finally:
         for sock in socks:
             sock.close()
-    ratio = pct(gaps, 50) / pct(base_gaps, 50)
+    return gaps, ok, int(aborted)
+
+
+async def scenario_slow_readers(
+    srv: Server,
+    *,
+    capacity: int,
+    readers: int,
+    streams: int,
+    output_len: int,
+    reader_len: int,
+    rounds: int = 1,
+) -> Outcome:
+    """(d): normal streams' ITL p50 alone, then beside `readers` clients that never read,
+    `rounds` times interleaved; the check is on the median of the rounds' ratios."""
+    ratios: list[float] = []
+    alone_p50, with_p50, alone_p90, with_p90 = [], [], [], []
+    complete, aborted = [], []
+    for _ in range(rounds):
+        base_gaps, base_ok = await _normal_itl(srv, streams, output_len)
+        gaps, ok, n_aborted = await _beside_readers(srv, readers, streams, output_len, reader_len)
+        ratios.append(pct(gaps, 50) / pct(base_gaps, 50))
+        alone_p50.append(round(1e3 * pct(base_gaps, 50), 2))
+        with_p50.append(round(1e3 * pct(gaps, 50), 2))
+        alone_p90.append(round(1e3 * pct(base_gaps, 90), 2))
+        with_p90.append(round(1e3 * pct(gaps, 90), 2))
+        complete.append(base_ok + ok)
+        aborted.append(n_aborted)
+    held = await trio.to_thread.run_sync(kv_in_use, srv.url, capacity)
+    ratio = sorted(ratios)[len(ratios) // 2]
     out = Outcome("d", f"{readers} clients that stop reading beside {streams} normal streams")
     out.figures = {
-        "itl_p50_ms_alone": round(1e3 * pct(base_gaps, 50), 2),
-        "itl_p50_ms_with_readers": round(1e3 * pct(gaps, 50), 2),
-        "itl_p90_ms_alone": round(1e3 * pct(base_gaps, 90), 2),
-        "itl_p90_ms_with_readers": round(1e3 * pct(gaps, 90), 2),
-        "itl_p50_ratio": round(ratio, 3),
-        "slow_reader_aborts": int(aborted),
-        "normal_streams_complete": f"{base_ok}+{ok}/{2 * streams}",
+        "rounds": rounds,
+        "itl_p50_ms_alone": alone_p50,
+        "itl_p50_ms_with_readers": with_p50,
+        "itl_p90_ms_alone": alone_p90,
+        "itl_p90_ms_with_readers": with_p90,
+        "itl_p50_ratios": [round(r, 3) for r in ratios],
+        "itl_p50_ratio_median": round(ratio, 3),
+        "slow_reader_aborts": aborted,
+        "normal_streams_complete": f"{sum(complete)}/{2 * streams * rounds}",
         "held_after": held,
     }
     out.checks = {
-        "ITL p50 within 1.3x": ratio <= 1.3,
-        "every non-reader aborted": aborted >= readers,  # none finished before its bound
-        "normal streams complete": base_ok == ok == streams,
+        "ITL p50 within 1.3x (median of rounds)": ratio <= 1.3,
+        "every non-reader aborted": min(aborted) >= readers,  # none finished before its bound
+        "normal streams complete": sum(complete) == 2 * streams * rounds,
         "nothing held after": held["in_flight"] == 0 and held["slots_used"] == 0,
     }
     return out

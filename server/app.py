@@ -158,6 +158,11 @@ def create_app(
     factory = engine_factory or build_engine
     hook = on_engine_death or exit_process
     engine_scope = trio.CancelScope()
+    pacer_scope = trio.CancelScope()  # after_serving ends the pacer: the nursery waits for it
+
+    async def _pace() -> None:
+        with pacer_scope:
+            await state.pacer.run()
 
     @app.before_serving
     async def _start_engine() -> None:
@@ -165,7 +170,7 @@ def create_app(
         state.engine = engine
         await app.nursery.start(_supervise_engine, state, engine, engine_scope, hook)
         if state.pacer.enabled:
-            app.nursery.start_soon(state.pacer.run)
+            app.nursery.start_soon(_pace)
         state.ready = True
         name = engine.info.model_name if engine.info is not None else "?"
         log.info("engine ready: model %s", name)
@@ -174,7 +179,7 @@ def create_app(
     async def _stop_engine() -> None:
         state.shutting_down = True
         engine_scope.cancel()
-        state.pacer.diag.close()
+        pacer_scope.cancel()
 
     return app
 

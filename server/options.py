@@ -168,7 +168,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "cpu_kernels",
         "str",
-        "CPU RMSNorm, rotary + K/V store and SiLU*up: numba one-pass kernels, or torch ops",
+        "CPU RMSNorm, rotary + K/V store, SiLU*up and greedy sampling: numba one-pass kernels, or torch ops",
         engine=True,
         choices=("numba", "torch"),
     ),

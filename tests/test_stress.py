@@ -1,10 +1,10 @@
 """profiling/stress.py at a small size: every scenario (a)-(g) against real servers.
 
 The full size (10,000 fuzz requests, a 20-minute soak, ...) runs by hand; its figures are in
-profiling/README.md. Here the non-readers of (d) get tight bounds so that each is aborted
-within its 1000 tokens, and (d)'s ITL ratio is reported but not asserted: on a 2-core machine
-shared with other jobs, 8 extra decoding sequences cost the 2 normal streams more than 1.3x
-before the bound is reached (the full-size figure says what it is on the machine).
+profiling/README.md. Here the non-readers of (d) get a short --stream_stall_s so that each is
+aborted within the run, and (d)'s ITL ratio is reported but not asserted: one round of 24-token
+streams on a 2-core machine shared with other jobs is within its noise (these VMs drift 15-30 %
+within minutes); the full size takes the median of interleaved rounds.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ if str(ROOT / "profiling") not in sys.path:
 import stress  # noqa: E402  (profiling/ is not a package)
 import stress_fuzz  # noqa: E402
 
-NOT_ASSERTED = {("d", "ITL p50 within 1.3x")}
+NOT_ASSERTED = {("d", "ITL p50 within 1.3x (median of rounds)")}
 
 
 def test_fuzz_generator_covers_every_route_and_method() -> None:

@@ -95,7 +95,7 @@ class EngineCore:
         self.runner = runner
         self.tokenizer = tokenizer
         self.args = args
-        self.sampler = Sampler()
+        self.sampler = Sampler(greedy=runner.model.ops.greedy)
         self.eos_ids = runner.eos_ids
         self.scheduler = Scheduler(
             SchedulerConfig(

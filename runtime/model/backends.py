@@ -16,6 +16,7 @@ from torch import Tensor
 
 from runtime.kernels.cpu import attention as cpu_attention
 from runtime.kernels.cpu import fused as cpu_fused
+from runtime.kernels.cpu import sample_greedy as cpu_greedy
 from runtime.kernels.triton import decode_attention as triton_attention
 from runtime.model.attention import DecodeAttention
 
@@ -26,7 +27,7 @@ class BackendSettings:
 
     cpu_linear: str = "onednn"  # onednn: packed fp32 weights; aten: plain F.linear
     cpu_attention: str = "numba"  # numba: the paged decode kernel; torch: gather + SDPA
-    cpu_kernels: str = "numba"  # numba: one-pass norm / rope / SiLU*up; torch: torch ops
+    cpu_kernels: str = "numba"  # numba: one-pass norm / rope / SiLU*up / greedy; torch: torch ops
     gpu_attention: str = "triton"  # triton: split-K decode kernel; torch: gather + SDPA
 
 
@@ -80,6 +81,9 @@ class Backends:
     rope_store: Rotary = torch_rope_store
     silu_mul: cpu_fused.ActFn = torch_silu_mul
     decode_attention: DecodeAttention | None = None
+    # all-greedy sampling: fp32 logits [B, V] -> (argmax [B] int64, its logprob [B] fp32) in one
+    # pass; None: the sampler's torch ops
+    greedy: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
 
 
 TORCH = Backends("torch")
@@ -105,4 +109,5 @@ def select_backends(
         rope_store=cpu_fused.rope_store if fused else torch_rope_store,
         silu_mul=cpu_fused.silu_mul if fused else torch_silu_mul,
         decode_attention=cpu_attention.paged_decode_attention if attn else None,
+        greedy=cpu_greedy.greedy_logprob_torch if fused else None,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,6 +21,8 @@ from cuda import penalties, penalties_numba
 from runtime.sampling.params import MAX_SEED, SamplingParams
 
 PenaltyBackend = Literal["auto", "torch", "numba"]
+# fp32 logits [B, V] -> (argmax [B] int64, log-softmax at it [B] fp32)
+GreedyFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 _M32 = 0xFFFFFFFF
 
 
@@ -277,8 +279,11 @@ def sample_inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
 class Sampler:
     """Turns a step's logits into one token (and its logprob) per row."""
 
-    def __init__(self, penalty_backend: PenaltyBackend = "auto") -> None:
+    def __init__(
+        self, penalty_backend: PenaltyBackend = "auto", greedy: GreedyFn | None = None
+    ) -> None:
         self.penalty_backend = penalty_backend
+        self.greedy = greedy  # the device's one-pass greedy kernel (the model's backends)
 
     def _use_numba(self, logits: Tensor) -> bool:
         if self.penalty_backend == "torch" or not logits.is_cuda:
@@ -318,6 +323,8 @@ class Sampler:
         shaping = batch.needs_penalties or batch.needs_eos_shaping
         x = self.shaped_logits(logits, batch) if shaping else logits.float()  # [B, V]
         if batch.all_greedy:
+            if self.greedy is not None:
+                return self.greedy(x.contiguous())
             tokens = x.argmax(dim=-1)  # [B]
             chosen = x.gather(1, tokens[:, None])[:, 0]  # [B]
             return tokens, chosen - torch.logsumexp(x, dim=-1)
