@@ -53,7 +53,7 @@ class Decoder:
     scheduling): sequence i holds slots [i * capacity, (i + 1) * capacity)."""
 
     def __init__(self, runner: ModelRunner, prompts: list[list[int]], capacity: int) -> None:
-        self.runner, self.sampler = runner, Sampler()
+        self.runner, self.sampler = runner, Sampler(greedy=runner.model.ops.greedy)
         self.slots = [list(range(i * capacity, (i + 1) * capacity)) for i in range(len(prompts))]
         self.pos = [len(p) for p in prompts]
         self.rows = [RowState.start(SamplingParams(), p) for p in prompts]
