@@ -45,15 +45,23 @@ def lay_out(x, nb, xl, xs):  # type: ignore[no-untyped-def]
 
 
 @numba.njit(**_DOT, inline="always")
-def _lane_sums_q4(qs, g, xl, acc):  # acc[t, i] = sum_j xl[t, j, i] q[j, i], nibbles of qs
+def _lane_sums_q4(qs, g, xl, acc, lo, hi):  # acc[t, i] = sum_j xl[t, j, i] q[j, i], nibbles of qs
     n_lanes = qs.shape[2]
     for j in range(16):
-        for t in range(xl.shape[0]):
+        if xl.shape[0] == 1:  # one token: split the nibbles in registers
             for i in range(n_lanes):
                 f = np.float32(qs[g, j, i])
-                hi = np.floor(f * np.float32(0.0625))
-                lo = f - np.float32(16.0) * hi
-                acc[t, i] += xl[t, j, i] * lo + xl[t, j + 16, i] * hi
+                h = np.floor(f * np.float32(0.0625))
+                acc[0, i] += xl[0, j, i] * (f - np.float32(16.0) * h) + xl[0, j + 16, i] * h
+            continue
+        for i in range(n_lanes):  # several: split them once into L1, then every token
+            f = np.float32(qs[g, j, i])
+            h = np.floor(f * np.float32(0.0625))
+            hi[i] = h
+            lo[i] = f - np.float32(16.0) * h
+        for t in range(xl.shape[0]):
+            for i in range(n_lanes):
+                acc[t, i] += xl[t, j, i] * lo[i] + xl[t, j + 16, i] * hi[i]
 
 
 @numba.njit(**_DOT, inline="always")
@@ -69,13 +77,15 @@ def _lane_sums_q8(qs, g, xl, acc):  # acc[t, i] = sum_j xl[t, j, i] q[j, i], int
 def _groups(q8, qs, d, m, xl, xs, nb, out, col0, accumulate, g0, g1):
     n_t = xl.shape[0]
     acc = np.empty((n_t, qs.shape[2]), np.float32)
+    lo = np.empty(qs.shape[2], np.float32)
+    hi = np.empty(qs.shape[2], np.float32)
     s = np.empty(LANE_ROWS, np.float32)
     for g in range(g0, g1):
         acc[:] = 0
         if q8:
             _lane_sums_q8(qs, g, xl, acc)
         else:
-            _lane_sums_q4(qs, g, xl, acc)
+            _lane_sums_q4(qs, g, xl, acc, lo, hi)
         for t in range(n_t):
             s[:] = 0
             for b in range(nb):
