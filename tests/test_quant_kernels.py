@@ -112,7 +112,7 @@ def _close(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
 
 
 @pytest.mark.usefixtures("driver")
-@pytest.mark.parametrize("t", [1, 3, 8, 64])
+@pytest.mark.parametrize("t", [1, 3, 8, 9, 16, 32, 64])  # every lane path beside every block one
 def test_exact_linear_matches_dequantized(t: int) -> None:
     parts = _parts(t)
     w = torch.cat([Q.dequantize(p) for p in parts])  # [out, in]
@@ -162,6 +162,13 @@ def test_lane_layout_holds_the_same_values(fmt: str) -> None:
     got = np.empty((m.rows, m.cols), np.float32)
     QL.dequantize_into(lanes, np.arange(m.rows)[::-1].copy(), got)
     assert np.array_equal(got[::-1], Q.dequantize(m).numpy())
+    # the staged path's decode (groups 1-4 in lane order) is bit-equal too
+    kernel, n_chunks = QL._driver("stage", 1 << 20, lanes=True)
+    st = np.empty((4, 32, lanes.qs.shape[2]), np.float32)
+    kernel(lanes.q8, lanes.qs, lanes.d, lanes.m, 1, 5, st, n_chunks)
+    nb = m.cols // 32  # st[g, j, 8 b + r] = row 8 (g + 1) + r, column 32 b + j
+    staged = st.reshape(4, 32, nb, 8).transpose(0, 3, 2, 1).reshape(32, m.cols)
+    assert np.array_equal(staged, Q.dequantize(m).numpy()[8:40])
     odd = m.take_rows(np.arange(12))
     assert not QP.can_pack(odd) and QL.lane_layout(odd) is odd
     x = torch.randn(2, 512, generator=torch.Generator().manual_seed(3))  # [T, in]
@@ -194,3 +201,10 @@ def test_real_embedding_and_head() -> None:
     sub = table.take_rows(np.arange(0, rows - rows % 8, 97)[:64])
     x = emb[:1]  # [1, 576]
     _close(QL.QuantLinear([sub])(x), x @ Q.dequantize(sub).T, 1e-5)
+
+
+def test_lane_paths_by_token_count() -> None:
+    assert [QL._lane_path(t) for t in (1, QL.LANE_GEMV_MAX_TOKENS)] == ["gemv", "gemv"]
+    assert QL._lane_path(QL.LANE_GEMV_MAX_TOKENS + 1) == "staged"
+    assert QL._lane_path(QL.STAGED_MAX_TOKENS) == "staged"
+    assert QL._lane_path(QL.STAGED_MAX_TOKENS + 1) == "prefill"

@@ -179,3 +179,37 @@ def dequant_t_par(q8, qs, d, m, nb, g0, g1, wt, n_chunks):  # type: ignore[no-un
     for c in prange(n_chunks):
         a, z = g0 + c * n // n_chunks, g0 + (c + 1) * n // n_chunks
         _dequant_t_groups(q8, qs, d, m, nb, g0, wt, a, z)
+
+
+@numba.njit(**_DQ, inline="always")
+def _stage_groups(q8, qs, d, m, g_first, st, g0, g1):
+    n_lanes = qs.shape[2]
+    for g in range(g0, g1):
+        s = g - g_first
+        if q8:
+            for j in range(32):
+                for i in range(n_lanes):
+                    st[s, j, i] = d[g, i] * np.float32(qs[g, j, i])
+        else:
+            for j in range(16):
+                for i in range(n_lanes):
+                    c = qs[g, j, i]
+                    st[s, j, i] = d[g, i] * np.float32(c & np.uint8(15)) + m[g, i]
+                    st[s, j + 16, i] = d[g, i] * np.float32(c >> np.uint8(4)) + m[g, i]
+
+
+@numba.njit(**_DQ)
+def stage(q8, qs, d, m, g0, g1, st, n_chunks):  # type: ignore[no-untyped-def]
+    """st `[g1 - g0, 32, lanes]` fp32 = groups [g0, g1) in lane order (bit-equal to `dequant`):
+    st[g, j, 8 b + r] is row 8 g + r, column 32 b + j; one thread."""
+    _stage_groups(q8, qs, d, m, g0, st, g0, g1)
+
+
+@numba.njit(**_DQ, parallel=True)
+def stage_par(q8, qs, d, m, g0, g1, st, n_chunks):  # type: ignore[no-untyped-def]
+    """`stage` with the groups split into `n_chunks` even chunks."""
+    n = g1 - g0
+    n_chunks = max(1, min(n, n_chunks))
+    for c in prange(n_chunks):
+        a, z = g0 + c * n // n_chunks, g0 + (c + 1) * n // n_chunks
+        _stage_groups(q8, qs, d, m, g0, st, a, z)

@@ -2,9 +2,11 @@
 
 Few-token calls (decode) run a Numba GEMV that reads each weight block once for all rows:
 `quant_lanes` over the lane layout of `quant_pack` (q4_0/q4_1/q8_0 in exact mode, repacked at
-load), `quant_numba` over the GGUF blocks as shipped (the K formats, and fast mode). Many-token
-calls (prefill) dequantize the weight with a parallel Numba kernel, a cache-sized chunk of rows
-at a time into one reused fp32 scratch, and hand each chunk to MKL. Modes:
+load), `quant_numba` over the GGUF blocks as shipped (the K formats, and fast mode). Lane parts
+at 9-32 tokens (batched decode) are decoded a chunk of row groups at a time in lane order, then
+multiplied with one small GEMM per group (`_staged`). Many-token calls (prefill) dequantize the
+weight with a parallel Numba kernel, a cache-sized chunk of rows at a time into one reused fp32
+scratch, and hand each chunk to MKL. Modes:
 "exact" dots fp32 activations with the dequantized blocks (equal to
 `x @ quant.dequantize(W).T` up to summation order); "fast" quantizes each activation row to int8
 per 32 elements first (llama.cpp's way; ~1e-3 relative error), for q4_0/q4_1/q8_0 parts
@@ -30,7 +32,11 @@ from runtime.kernels.cpu.quant_pack import LaneMatrix
 
 Part = QuantMatrix | LaneMatrix
 
-GEMV_MAX_TOKENS = 8  # more rows than this go through dequantize + MKL
+GEMV_MAX_TOKENS = 8  # GGUF-block parts: more rows than this go through dequantize + MKL
+# lane parts: the lane GEMV up to LANE_GEMV_MAX_TOKENS rows, staged batched GEMMs up to
+# STAGED_MAX_TOKENS, dequantize + MKL past it (profiling/README.md, session 8)
+LANE_GEMV_MAX_TOKENS = 8
+STAGED_MAX_TOKENS = 32
 # A parallel Numba call costs 50-100 us of thread wake-up: below this many weight elements x rows
 # one thread is faster
 PARALLEL_MIN_WORK = 1 << 16
@@ -122,29 +128,37 @@ class QuantLinear(CpuLinear):
 
     def _run(self, x: Tensor, residual: Tensor | None) -> Tensor:
         x = x.to(torch.float32).contiguous()  # [T, in]
-        prefill = x.shape[0] > GEMV_MAX_TOKENS
+        n_t = x.shape[0]
+        lane_path = _lane_path(n_t)
+        block_gemv = n_t <= GEMV_MAX_TOKENS
+        has_lanes = any(isinstance(p, LaneMatrix) for p in self.parts)
+        has_blocks = any(isinstance(p, QuantMatrix) for p in self.parts)
+        # every path but the GEMVs adds its products into `out`
+        adds = (has_lanes and lane_path != "gemv") or (has_blocks and not block_gemv)
         if residual is not None:
             out = residual.to(torch.float32).clone()  # [T, out]
             if self.bias is not None:
                 out += self.bias
         elif self.bias is not None:
-            out = self.bias.expand(x.shape[0], -1).clone()  # [T, out]
-        elif prefill:  # prefill's products add into it
-            out = x.new_zeros(x.shape[0], self.out_features)  # [T, out]
-        else:  # the GEMV stores its sums
-            out = x.new_empty(x.shape[0], self.out_features)  # [T, out]
-        if prefill:
-            self._prefill(x, out)
-        else:
-            accumulate = residual is not None or self.bias is not None
-            self._gemv(x.numpy(), out.numpy(), accumulate)
+            out = self.bias.expand(n_t, -1).clone()  # [T, out]
+        elif adds:
+            out = x.new_zeros(n_t, self.out_features)  # [T, out]
+        else:  # the GEMVs store their sums
+            out = x.new_empty(n_t, self.out_features)  # [T, out]
+        accumulate = residual is not None or self.bias is not None or adds
+        if has_lanes:
+            if lane_path == "gemv":
+                self._gemv_lanes(x.numpy(), out.numpy(), accumulate)
+            elif lane_path == "staged":
+                self._staged(x, out)
+            else:
+                self._prefill(x, out, LaneMatrix)
+        if has_blocks:
+            if block_gemv:
+                self._gemv_blocks(x.numpy(), out.numpy(), accumulate)
+            else:
+                self._prefill(x, out, QuantMatrix)
         return out
-
-    def _gemv(self, x: np.ndarray, out: np.ndarray, accumulate: bool) -> None:
-        if any(isinstance(p, LaneMatrix) for p in self.parts):
-            self._gemv_lanes(x, out, accumulate)
-        if any(isinstance(p, QuantMatrix) for p in self.parts):
-            self._gemv_blocks(x, out, accumulate)
 
     def _gemv_lanes(self, x: np.ndarray, out: np.ndarray, accumulate: bool) -> None:
         kernels = _lane_kernels()
@@ -184,14 +198,40 @@ class QuantLinear(CpuLinear):
             sums = xs if fast else xs_exact
             kernel(fmt, fast, part.data, x, xq, xd, sums, f16, out, col0, accumulate, n_chunks)
 
-    def _prefill(self, x: Tensor, out: Tensor) -> None:
-        """`out += x @ W.T`: rows of W dequantized a cache-sized chunk at a time into one
-        reused scratch (no fp32 copy of a whole matrix, no page faults per call), each chunk's
-        product by MKL."""
+    def _staged(self, x: Tensor, out: Tensor) -> None:
+        """`out += x @ W.T` for the lane parts, a cache-sized chunk of row groups at a time:
+        each chunk decoded in lane order (`quant_lanes.stage`: contiguous, vectorised; the
+        transposed scratch of `_prefill` costs ~4x more to write), then one small GEMM per
+        group (`bmm`) against the activations permuted to the stage's column order."""
+        n_t, cols = x.shape
+        nb = cols // 32
+        xp = x.view(n_t, nb, 32).transpose(1, 2).reshape(n_t, cols)  # [T, in], k' = 32-j-major
+        lanes = quant_pack.LANE_ROWS * nb
+        step_groups = max(1, PREFILL_CHUNK_ELEMS // (quant_pack.LANE_ROWS * cols))
+        scratch = _scratch(step_groups * 32 * lanes)
+        for part, col0 in zip(self.parts, self.offsets, strict=False):
+            if not isinstance(part, LaneMatrix):
+                continue
+            n_g = part.rows // quant_pack.LANE_ROWS
+            for g0 in range(0, n_g, step_groups):
+                g1 = min(n_g, g0 + step_groups)
+                st = scratch[: (g1 - g0) * 32 * lanes].view(g1 - g0, 32, lanes)  # lane order
+                kernel, n_chunks = _driver("stage", (g1 - g0) * 32 * lanes, lanes=True)
+                kernel(part.q8, part.qs, part.d, part.m, g0, g1, st.numpy(), n_chunks)
+                y = torch.bmm(xp.expand(g1 - g0, n_t, cols), st.view(g1 - g0, cols, -1))
+                rows = slice(col0 + g0 * quant_pack.LANE_ROWS, col0 + g1 * quant_pack.LANE_ROWS)
+                out[:, rows] += y.transpose(0, 1).reshape(n_t, -1)  # [T, 8 (g1 - g0)]
+
+    def _prefill(self, x: Tensor, out: Tensor, kind: type) -> None:
+        """`out += x @ W.T` for the parts of `kind`: rows of W dequantized a cache-sized chunk
+        at a time into one reused scratch (no fp32 copy of a whole matrix, no page faults per
+        call), each chunk's product by MKL."""
         cols = self.in_features
         step_rows = max(8, (PREFILL_CHUNK_ELEMS // cols) // 8 * 8)
         scratch = _scratch(step_rows * cols)
         for part, col0 in zip(self.parts, self.offsets, strict=False):
+            if not isinstance(part, kind):
+                continue
             for r0 in range(0, part.rows, step_rows):
                 r1 = min(part.rows, r0 + step_rows)
                 n = r1 - r0
@@ -206,6 +246,13 @@ class QuantLinear(CpuLinear):
                     wt = scratch[: n * cols].view(n, cols).t()  # [in, rows] fp32
                     dequantize_into(part, np.arange(r0, r1), wt.t().numpy())
                 out[:, col0 + r0 : col0 + r1].addmm_(x, wt)  # [T, rows]
+
+
+def _lane_path(n_tokens: int) -> str:
+    """How lane parts multiply `n_tokens` rows: "gemv", "staged" or "prefill"."""
+    if n_tokens <= LANE_GEMV_MAX_TOKENS:
+        return "gemv"
+    return "staged" if n_tokens <= STAGED_MAX_TOKENS else "prefill"
 
 
 _SCRATCH = threading.local()
