@@ -21,13 +21,7 @@ import torch
 from torch import Tensor
 
 from runtime.kernels.cpu import sample_greedy
-
-
-def torch_greedy(x: Tensor) -> tuple[Tensor, Tensor]:
-    """The sampler's torch path for an all-greedy batch."""
-    tokens = x.argmax(dim=-1)  # [B]
-    chosen = x.gather(1, tokens[:, None])[:, 0]  # [B]
-    return tokens, chosen - torch.logsumexp(x, dim=-1)
+from runtime.sampling.sampler import greedy_logprob
 
 
 def time_ms(fn: Callable[[Tensor], object], x: Tensor, reps: int) -> float:
@@ -49,14 +43,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    paths = {"torch": torch_greedy, "kernel": sample_greedy.greedy_logprob_torch}
+    paths = {"torch": greedy_logprob, "kernel": sample_greedy.greedy_logprob_torch}
     print(f"greedy + logprob, V = {args.vocab}, {args.threads} threads; ms per call")
     print("| B | torch p50 (range) | kernel p50 (range) | speed-up |")
     print("|---|---|---|---|")
     for rows in args.rows:
         x = torch.randn(rows, args.vocab, generator=torch.Generator().manual_seed(rows)) * 4
         tokens, logprob = sample_greedy.greedy_logprob_torch(x)  # compile, and check
-        ref_tokens, ref_logprob = torch_greedy(x)
+        ref_tokens, ref_logprob = greedy_logprob(x)
         assert torch.equal(tokens, ref_tokens)
         torch.testing.assert_close(logprob, ref_logprob, rtol=1e-5, atol=2e-5)
         figures: dict[str, list[float]] = {name: [] for name in paths}

@@ -276,6 +276,14 @@ def sample_inverse_cdf(weights: Tensor, u: Tensor) -> Tensor:
     return idx.clamp_max(weights.shape[-1] - 1)  # [B]
 
 
+def greedy_logprob(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The torch path of an all-greedy batch: (argmax [B] int64, log-softmax at it [B]) of fp32
+    logits `x` [B, V] (`GreedyFn`; the backends may bring a one-pass kernel instead)."""
+    tokens = x.argmax(dim=-1)  # [B]
+    chosen = x.gather(1, tokens[:, None])[:, 0]  # [B]
+    return tokens, chosen - torch.logsumexp(x, dim=-1)
+
+
 class Sampler:
     """Turns a step's logits into one token (and its logprob) per row."""
 
@@ -323,11 +331,7 @@ class Sampler:
         shaping = batch.needs_penalties or batch.needs_eos_shaping
         x = self.shaped_logits(logits, batch) if shaping else logits.float()  # [B, V]
         if batch.all_greedy:
-            if self.greedy is not None:
-                return self.greedy(x.contiguous())
-            tokens = x.argmax(dim=-1)  # [B]
-            chosen = x.gather(1, tokens[:, None])[:, 0]  # [B]
-            return tokens, chosen - torch.logsumexp(x, dim=-1)
+            return (self.greedy or greedy_logprob)(x.contiguous())
 
         xt = x / batch.temperature[:, None]  # [B, V] (a new tensor: `logits` stays as it was)
         lse = torch.logsumexp(xt, dim=-1)  # [B]

@@ -1,6 +1,7 @@
-"""The CPU's Numba kernels: paged decode attention (`runtime.kernels.cpu.attention`) and the one-pass
-elementwise kernels (`runtime.kernels.cpu.fused`). Import through those modules, which pick Numba's
-threading layer first.
+"""The CPU's Numba kernels: paged decode attention (`runtime.kernels.cpu.attention`), the one-pass
+elementwise kernels (`runtime.kernels.cpu.fused`) and greedy sampling
+(`runtime.kernels.cpu.sample_greedy`). Import through those modules, which pick Numba's threading
+layer first.
 
 All in one module, at module level: Numba's on-disk cache works only for module-level functions
 (anything defined inside another function is recompiled in every process: seconds at start-up),
@@ -11,6 +12,8 @@ ops; rotary + K/V store: ~8; SiLU * up: 3). fp32 throughout; sums in fp32 like t
 # mypy: ignore-errors
 
 from __future__ import annotations
+
+import math
 
 import numba
 import numpy as np
@@ -252,3 +255,120 @@ def paged_decode_par(q, k, v, table, seq_lens, out, scale):  # type: ignore[no-u
         acc = np.empty((n_kv, g, q.shape[3]), dtype=np.float32)
         bits = np.empty(table.shape[1], dtype=np.int32)
         one_seq(q[b], k, v, table[b], seq_lens[b], out[b], scale, probs, acc, bits)
+
+
+# ---- greedy sampling (runtime.kernels.cpu.sample_greedy) -------------------------------------
+# No fastmath: NaN and inf keep their IEEE meaning (torch's argmax / logsumexp semantics).
+_GREEDY = dict(fastmath=False, cache=True, nogil=True, boundscheck=False, error_model="numpy")
+_BLOCK = 2048  # values per block: 8 KiB, read from memory once and again from L1
+_LO = np.float32(-87.0)  # e^z for z below this is taken as e^-87
+_NEG_INF = np.float32(-np.inf)
+
+
+@numba.njit(**_GREEDY)
+def _block_max(xi):  # type: ignore[no-untyped-def]
+    # xi [n] int32, fp32 bits -> max as fp32, on order-preserving int keys (an integer max
+    # vectorises without fastmath); a NaN of either sign shows up in the exp sum instead
+    mk = np.int32(-(1 << 31))
+    for i in range(xi.shape[0]):
+        k = xi[i] ^ ((xi[i] >> 31) & np.int32(0x7FFFFFFF))  # fp32 order as int32 order
+        mk = k if k > mk else mk
+    out = np.empty(1, dtype=np.int32)
+    out[0] = mk ^ ((mk >> 31) & np.int32(0x7FFFFFFF))
+    return out.view(np.float32)[0]
+
+
+@numba.njit(fastmath={"reassoc"}, cache=True, nogil=True, boundscheck=False)
+def _sum64(e):  # type: ignore[no-untyped-def]
+    # e [n] fp32 -> sum in fp64, in vector lanes (reassociation only: NaN still propagates)
+    s = 0.0
+    for i in range(e.shape[0]):
+        s += np.float64(e[i])
+    return s
+
+
+@numba.njit(**_GREEDY)
+def _block_exp_sum(x, m, e, bits):  # type: ignore[no-untyped-def]
+    # x [n] fp32, m its running max; e [_BLOCK] fp32, bits [_BLOCK] int32 scratch ->
+    # sum(e^(x - m)) in fp64; NaN when some x - m is NaN (x NaN, or x = m = +-inf)
+    n = x.shape[0]
+    for i in range(n):
+        z = x[i] - m
+        zk = z if z > _LO else _LO  # NaN and -inf -> _LO: the exponent stays in range
+        zr = _LO if z < _LO else z  # ... while NaN carries on into the polynomial
+        k = np.floor(zk * _LOG2E + np.float32(0.5))
+        e[i] = _exp_poly((zr - k * _LN2_HI) - k * _LN2_LO)
+        bits[i] = (np.int32(k) + np.int32(127)) << 23  # 2^k, k in [-126, 0]
+    scale = bits.view(np.float32)
+    for i in range(n):
+        e[i] *= scale[i]
+    return _sum64(e[:n])
+
+
+@numba.njit(**_GREEDY)
+def _first_index(x, v):  # type: ignore[no-untyped-def]
+    # x [n] fp32 -> the first i with x[i] == v (v is in x)
+    for i in range(x.shape[0]):
+        if x[i] == v:
+            return i
+    return 0
+
+
+@numba.njit(**_GREEDY)
+def _torch_argmax(x):  # type: ignore[no-untyped-def]
+    # x [n] fp32 -> torch.argmax(x): the first NaN, else the first maximum
+    best = 0
+    for i in range(x.shape[0]):
+        if x[i] != x[i]:
+            return i
+        if x[i] > x[best]:
+            best = i
+    return best
+
+
+@numba.njit(**_GREEDY)
+def _greedy_row(x, e, bits):  # type: ignore[no-untyped-def]
+    # x [V] fp32 -> (argmax, x[argmax] - logsumexp(x)) in one pass of blocks
+    n = x.shape[0]
+    xi = x.view(np.int32)
+    m = _NEG_INF
+    best = 0
+    s = 0.0
+    for lo in range(0, n, _BLOCK):
+        hi = min(lo + _BLOCK, n)
+        blk = x[lo:hi]
+        bm = _block_max(xi[lo:hi])
+        if bm > m:  # strictly: an equal max later on keeps the first index
+            best = lo + _first_index(blk, bm)
+            s *= math.exp(np.float64(m) - np.float64(bm))
+            m = bm
+        s += _block_exp_sum(blk, m, e, bits)
+    if s != s:  # a NaN or +inf in the row, or all of it -inf: torch's logprob is NaN too
+        return _torch_argmax(x), np.float32(np.nan)
+    return best, np.float32(-math.log(s))
+
+
+@numba.njit(**_GREEDY)
+def greedy_logprob(logits):  # type: ignore[no-untyped-def]
+    # logits [B, V] fp32 -> (tokens [B] int64, logprob [B] fp32), one row after another
+    b = logits.shape[0]
+    tokens = np.empty(b, dtype=np.int64)
+    logprob = np.empty(b, dtype=np.float32)
+    e = np.empty(_BLOCK, dtype=np.float32)
+    bits = np.empty(_BLOCK, dtype=np.int32)
+    for r in range(b):
+        tokens[r], logprob[r] = _greedy_row(logits[r], e, bits)
+    return tokens, logprob
+
+
+@numba.njit(parallel=True, **_GREEDY)
+def greedy_logprob_par(logits):  # type: ignore[no-untyped-def]
+    # as `greedy_logprob`, rows spread over Numba's threads
+    b = logits.shape[0]
+    tokens = np.empty(b, dtype=np.int64)
+    logprob = np.empty(b, dtype=np.float32)
+    for r in numba.prange(b):
+        e = np.empty(_BLOCK, dtype=np.float32)
+        bits = np.empty(_BLOCK, dtype=np.int32)
+        tokens[r], logprob[r] = _greedy_row(logits[r], e, bits)
+    return tokens, logprob
