@@ -103,6 +103,7 @@ def _models(folder: Path) -> Iterator[tuple[str, CausalLM]]:
     cpu = torch.device("cpu")
     for name, kw in (
         ("quant exact", {"quant_type": "auto", "quant_mode": "exact"}),
+        ("quant int16", {"quant_type": "auto", "quant_mode": "int16"}),
         ("quant fast", {"quant_type": "auto", "quant_mode": "fast"}),
         ("fp16 weights", {"quant_type": "none", "data_type": "fp16"}),
     ):

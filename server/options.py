@@ -146,9 +146,10 @@ OPTIONS: tuple[Option, ...] = (
         "quant_mode",
         "str",
         "arithmetic of quantized weights: exact (fp32 activations: the dequantized model to "
-        "fp32 rounding) or fast (activations quantized to 8 bits per block, as llama.cpp)",
+        "fp32 rounding), int16 (activations rounded to 16 bits per 32-block, integer "
+        "multiply-adds on the GGUF blocks as shipped) or fast (8 bits per block, as llama.cpp)",
         engine=True,
-        choices=("exact", "fast"),
+        choices=("exact", "int16", "fast"),
     ),
     Option(
         "cpu_linear",

@@ -40,7 +40,11 @@ STAGED_MAX_TOKENS = 32
 # A parallel Numba call costs 50-100 us of thread wake-up: below this many weight elements x rows
 # one thread is faster
 PARALLEL_MIN_WORK = 1 << 16
-MODES = ("exact", "fast")
+MODES = ("exact", "int16", "fast")
+INT16_FORMATS = ("q4_0", "q4_1", "q8_0")  # int16 mode's integer GEMV; K formats multiply fp32
+# int16 mode: the integer GEMV up to this many rows (it keeps pace with fbgemm fp16 to 32 tokens:
+# profiling/README.md, session 9), dequantize + MKL past it
+INT16_GEMV_MAX_TOKENS = 32
 # prefill dequantizes this many weight elements at a time (4 MB of fp32: stays in cache for MKL)
 PREFILL_CHUNK_ELEMS = 1 << 20
 
@@ -64,15 +68,26 @@ def _lane_kernels() -> Any:
 
 
 @functools.cache
+def _int16_kernels() -> Any:
+    """int16 mode's Numba module (`quant_int16`)."""
+    assert cpu_attention.available(), "Numba is not available"  # sets the threading layer
+    from runtime.kernels.cpu import quant_int16
+
+    return quant_int16
+
+
+@functools.cache
 def f16_table() -> np.ndarray:
     """fp32 value of every fp16 bit pattern `[65536]` (the kernels' fp16 reader)."""
     return np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
 
 
-def _driver(name: str, work: int, lanes: bool = False) -> tuple[Any, int]:
+def _driver(name: str, work: int, lanes: bool = False, kernels: Any = None) -> tuple[Any, int]:
     """Kernel `name`'s serial driver, or its parallel one for `work` (weight elements x rows)
-    past `PARALLEL_MIN_WORK`, with the chunk count to pass it (`lanes`: of `quant_lanes`)."""
-    kernels = _lane_kernels() if lanes else _kernels()
+    past `PARALLEL_MIN_WORK`, with the chunk count to pass it (`lanes`: of `quant_lanes`;
+    `kernels`: of that module)."""
+    if kernels is None:
+        kernels = _lane_kernels() if lanes else _kernels()
     if work < PARALLEL_MIN_WORK:
         return getattr(kernels, name), 1
     cpu_attention.numba_threads(torch.get_num_threads())
@@ -107,7 +122,9 @@ class QuantLinear(CpuLinear):
         if mode == "exact":  # lane layout, adjacent parts of one format in one matrix (one call)
             parts = quant_pack.merge_adjacent([lane_layout(p) for p in parts])
         elif any(isinstance(p, LaneMatrix) for p in parts):
-            raise ValueError("fast mode runs on GGUF blocks, not the lane layout")
+            raise ValueError(f"{mode} mode runs on GGUF blocks, not the lane layout")
+        if mode == "int16":  # adjacent parts of one format in one matrix (one call)
+            parts = merge_blocks(parts)
         self.parts = tuple(parts)
         self.mode = mode
         self.in_features = parts[0].cols
@@ -118,6 +135,7 @@ class QuantLinear(CpuLinear):
         if self.bias is not None and self.bias.shape != (self.out_features,):
             raise ValueError(f"bias {tuple(self.bias.shape)} != ({self.out_features},)")
         self._fast = mode == "fast"
+        self._int16 = mode == "int16"
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, None)
@@ -130,7 +148,7 @@ class QuantLinear(CpuLinear):
         x = x.to(torch.float32).contiguous()  # [T, in]
         n_t = x.shape[0]
         lane_path = _lane_path(n_t)
-        block_gemv = n_t <= GEMV_MAX_TOKENS
+        block_gemv = n_t <= (INT16_GEMV_MAX_TOKENS if self._int16 else GEMV_MAX_TOKENS)
         has_lanes = any(isinstance(p, LaneMatrix) for p in self.parts)
         has_blocks = any(isinstance(p, QuantMatrix) for p in self.parts)
         # every path but the GEMVs adds its products into `out`
@@ -153,12 +171,41 @@ class QuantLinear(CpuLinear):
                 self._staged(x, out)
             else:
                 self._prefill(x, out, LaneMatrix)
-        if has_blocks:
+        if has_blocks and self._int16:
+            self._run_int16(x, out, accumulate, block_gemv)
+        elif has_blocks:
             if block_gemv:
                 self._gemv_blocks(x.numpy(), out.numpy(), accumulate)
             else:
                 self._prefill(x, out, QuantMatrix)
         return out
+
+    def _run_int16(self, x: Tensor, out: Tensor, accumulate: bool, gemv: bool) -> None:
+        """int16 mode: the integer GEMV for q4_0/q4_1/q8_0 parts; K-format parts and
+        prefill multiply the same rounded activations x~ in fp32."""
+        k16 = _int16_kernels()
+        fp32_parts = not gemv or any(p.fmt not in INT16_FORMATS for p in self.parts)
+        if fp32_parts:
+            xr = torch.empty_like(x)  # [T, in] x~
+            k16.act_round(x.numpy(), xr.numpy())
+        if not gemv:
+            self._prefill(xr, out, QuantMatrix)
+            return
+        n_t, k = x.shape
+        tile = next(t for t in k16.TILES if t >= n_t) if n_t < k16.TILES[-1] else k16.TILES[-1]
+        n_pad = -(-n_t // tile) * tile
+        xq = np.empty((n_pad, k), np.int16)
+        sx = np.empty((k // 32, n_pad), np.float32)  # per-block scales, block-major
+        xs = np.empty((k // 32, n_pad), np.float32)  # per-block sums of x~
+        k16.act_quantize(x.numpy(), xq, sx, xs)
+        o = out.numpy()
+        for part, col0 in zip(self.parts, self.offsets, strict=False):
+            if isinstance(part, QuantMatrix) and part.fmt in INT16_FORMATS:
+                kernel, n_chunks = _driver("gemv", part.rows * part.cols * n_t, kernels=k16)
+                fmt = _kernels().FMT_ID[part.fmt]
+                kernel(fmt, tile, part.data, xq, sx, xs, n_t, o, col0, accumulate, n_chunks)
+        if fp32_parts:
+            self._gemv_blocks(xr.numpy(), o, accumulate, skip=INT16_FORMATS)
 
     def _gemv_lanes(self, x: np.ndarray, out: np.ndarray, accumulate: bool) -> None:
         kernels = _lane_kernels()
@@ -174,7 +221,9 @@ class QuantLinear(CpuLinear):
                     part.q8, part.qs, part.d, part.m, xl, xs, nb, out, col0, accumulate, n_chunks
                 )
 
-    def _gemv_blocks(self, x: np.ndarray, out: np.ndarray, accumulate: bool) -> None:
+    def _gemv_blocks(
+        self, x: np.ndarray, out: np.ndarray, accumulate: bool, skip: Sequence[str] = ()
+    ) -> None:
         kernels = _kernels()
         n_t, k = x.shape
         xs = np.empty((n_t, k // 32), np.float32)  # per-32 block sums
@@ -190,7 +239,7 @@ class QuantLinear(CpuLinear):
             xs_exact = xs
         f16 = f16_table()
         for part, col0 in zip(self.parts, self.offsets, strict=False):
-            if not isinstance(part, QuantMatrix):
+            if not isinstance(part, QuantMatrix) or part.fmt in skip:
                 continue
             fmt = kernels.FMT_ID[part.fmt]
             fast = self._fast and fmt < 3
@@ -277,6 +326,19 @@ class QuantEmbedding:
         out = np.empty((idx.shape[0], self.table.cols), np.float32)
         dequantize_into(self.table, idx, out)
         return torch.from_numpy(out)  # [T, hidden]
+
+
+def merge_blocks(parts: Sequence[Part]) -> list[Part]:
+    """Runs of adjacent GGUF-block parts of one format as one matrix (their rows stacked)."""
+    out: list[Part] = []
+    for p in parts:
+        last = out[-1] if out else None
+        if isinstance(p, QuantMatrix) and isinstance(last, QuantMatrix) and last.fmt == p.fmt:
+            data = np.concatenate([last.data, p.data])
+            out[-1] = QuantMatrix(p.fmt, data, last.rows + p.rows, p.cols)
+        else:
+            out.append(p)
+    return out
 
 
 def lane_layout(m: Part) -> Part:

@@ -1,0 +1,281 @@
+"""int16 mode's GEMV: q4_0 / q4_1 / q8_0 GGUF blocks, as shipped, dotted with activations
+quantized to int16 per 32-block, in integer multiply-adds (`pmaddwd`).
+
+Numba has no integer dot: its integer arithmetic widens to int64, so LLVM never matches
+`pmaddwd` (profiling/README.md, session 8). The block dot is therefore written as LLVM IR
+through `numba.extending.intrinsic`, in portable vector IR (sign-extend, multiply, add the
+even and odd lanes) that LLVM's x86 backend lowers to `vpmaddwd` on AVX2 and AVX-512 hosts,
+and to plain vector code elsewhere. One call of a dot intrinsic runs one weight row over all
+its blocks for a tile of 1, 2, 4 or 8 tokens: each block's nibbles are split once, into
+registers, for every token of the tile; per token and block the int32 sums are converted once
+and scaled by `d * sx` with one FMA (no fastmath: the order of every sum is fixed, so a token's
+result does not depend on the tile or the batch it runs in).
+
+Activations (`act_quantize`): per token and 32-block, `sx = max|x| / 32767`, `xq = rint(x / sx)`
+(|error| <= sx / 2, about 1.5e-5 of the block's largest value) and `xs = sx * sum xq` for q4
+mins, so the GEMV computes `x~ . W` for x~ = sx * xq (`act_round`), which the fp32 paths
+(prefill, K formats) multiply: every path agrees to fp32 rounding. Scales and sums are stored block-major (`[blocks, tokens]`) so a block's
+values for a tile of tokens are one vector load.
+
+All kernels in this one module (Numba's disk cache watches a function's own file).
+"""
+
+# mypy: ignore-errors
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+TILES = (1, 2, 4, 8)  # tokens per dot call
+_I8, _I16, _I32, _F16, _F32 = (
+    ir.IntType(8),
+    ir.IntType(16),
+    ir.IntType(32),
+    ir.HalfType(),
+    ir.FloatType(),
+)
+# block bytes and offset of the values, by format id (quant_numba.FMT_ID: q4_0, q4_1, q8_0)
+_LAYOUT = {0: (18, 2), 1: (20, 4), 2: (34, 2)}
+_KW = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+
+
+def _vec(t: ir.Type, n: int) -> ir.VectorType:
+    return ir.VectorType(t, n)
+
+
+def _const(t: ir.Type, v):  # type: ignore[no-untyped-def]
+    return ir.Constant(t, v)
+
+
+def _data(context, builder, ty, val, elt):  # type: ignore[no-untyped-def]
+    """An array argument's data pointer, as `elt*`."""
+    arr = context.make_array(ty)(context, builder, val)
+    return builder.bitcast(arr.data, elt.as_pointer())
+
+
+def _load(builder, base, off, ty, align):  # type: ignore[no-untyped-def]
+    return builder.load(builder.bitcast(builder.gep(base, [off]), ty.as_pointer()), align=align)
+
+
+def _splat(builder, val, n):  # type: ignore[no-untyped-def]
+    v = builder.insert_element(_const(_vec(val.type, n), ir.Undefined), val, _const(_I32, 0))
+    return builder.shuffle_vector(v, v, _const(_vec(_I32, n), [0] * n))
+
+
+def _fma(builder, a, b, c):  # type: ignore[no-untyped-def]
+    """a * b + c, one rounding (`llvm.fma`; llvmlite's `fma` takes scalars only)."""
+    t = a.type
+    name = f"llvm.fma.v{t.count}f32"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(t, [t, t, t]), name)
+    return builder.call(fn, [a, b, c])
+
+
+def _pmadd(builder, a, b):  # type: ignore[no-untyped-def]
+    """<16 x i16> a, b -> <8 x i32> sums of adjacent products (LLVM: `vpmaddwd`)."""
+    p = builder.mul(builder.sext(a, _vec(_I32, 16)), builder.sext(b, _vec(_I32, 16)))
+    even = builder.shuffle_vector(p, p, _const(_vec(_I32, 8), list(range(0, 16, 2))))
+    odd = builder.shuffle_vector(p, p, _const(_vec(_I32, 8), list(range(1, 16, 2))))
+    return builder.add(even, odd)
+
+
+def _block_values(builder, fmt, blk, it):  # type: ignore[no-untyped-def]
+    """A block's 32 values as two <16 x i16> halves (elements 0-15, 16-31), and its fp32 d."""
+    _, q0 = _LAYOUT[fmt]
+    d = builder.fpext(_load(builder, blk, _const(it, 0), _F16, 1), _F32)
+    if fmt == 2:  # q8_0: int8 values
+        q = builder.sext(_load(builder, blk, _const(it, q0), _vec(_I8, 32), 1), _vec(_I16, 32))
+        lo = builder.shuffle_vector(q, q, _const(_vec(_I32, 16), list(range(16))))
+        hi = builder.shuffle_vector(q, q, _const(_vec(_I32, 16), list(range(16, 32))))
+        return lo, hi, d
+    q = _load(builder, blk, _const(it, q0), _vec(_I8, 16), 1)  # low nibbles: 0-15, high: 16-31
+    lo = builder.zext(builder.and_(q, _const(_vec(_I8, 16), [15] * 16)), _vec(_I16, 16))
+    hi = builder.zext(builder.lshr(q, _const(_vec(_I8, 16), [4] * 16)), _vec(_I16, 16))
+    return lo, hi, d
+
+
+def _block_min(builder, fmt, blk, it, d):  # type: ignore[no-untyped-def]
+    """q4_1's stored min, or q4_0's -8 d (its offset of 8)."""
+    if fmt == 1:
+        return builder.fpext(_load(builder, blk, _const(it, 2), _F16, 1), _F32)
+    return builder.fmul(d, _const(_F32, -8.0))
+
+
+def _dot_codegen(fmt: int, nt: int):  # type: ignore[no-untyped-def]
+    """IR for one weight row (at byte `woff` of `w`) against `nt` tokens: res[t] =
+    sum_b d_b sx[b, t] (q_b . xq_t,b) + m_b xs[b, t]."""
+    bb, _ = _LAYOUT[fmt]
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        w, woff, xq, xoff, xstride, sx, xs, soff, sstride, nb, res = args
+        ta = sig.args
+        it = woff.type
+        wp = builder.gep(_data(context, builder, ta[0], w, _I8), [woff])
+        xp = builder.gep(_data(context, builder, ta[2], xq, _I16), [xoff])
+        sp = builder.gep(_data(context, builder, ta[5], sx, _F32), [soff])
+        mp = builder.gep(_data(context, builder, ta[6], xs, _F32), [soff])
+        accs = [
+            cgutils.alloca_once_value(builder, _const(_vec(_F32, 8), [0.0] * 8)) for _ in range(nt)
+        ]
+        acc_min = cgutils.alloca_once_value(builder, _const(_vec(_F32, nt), [0.0] * nt))
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            blk = builder.gep(wp, [builder.mul(b, _const(it, bb))])
+            lo, hi, d = _block_values(builder, fmt, blk, it)
+            srow = builder.mul(b, sstride)
+            scales = builder.fmul(
+                _load(builder, sp, srow, _vec(_F32, nt), 4), _splat(builder, d, nt)
+            )
+            if fmt != 2:
+                m = _splat(builder, _block_min(builder, fmt, blk, it, d), nt)
+                xsv = _load(builder, mp, srow, _vec(_F32, nt), 4)
+                builder.store(_fma(builder, xsv, m, builder.load(acc_min)), acc_min)
+            xrow = builder.mul(b, _const(it, 32))
+            for t in range(nt):
+                xb = builder.gep(xp, [builder.add(xrow, builder.mul(_const(it, t), xstride))])
+                xl = _load(builder, xb, _const(it, 0), _vec(_I16, 16), 2)
+                xh = _load(builder, xb, _const(it, 16), _vec(_I16, 16), 2)
+                s = builder.add(_pmadd(builder, lo, xl), _pmadd(builder, hi, xh))  # <8 x i32>
+                sc = _splat(builder, builder.extract_element(scales, _const(_I32, t)), 8)
+                acc = _fma(builder, builder.sitofp(s, _vec(_F32, 8)), sc, builder.load(accs[t]))
+                builder.store(acc, accs[t])
+        rp = _data(context, builder, ta[10], res, _F32)
+        mins = builder.load(acc_min)
+        for t in range(nt):
+            v = builder.load(accs[t])
+            tot = builder.extract_element(mins, _const(_I32, t)) if fmt != 2 else _const(_F32, 0.0)
+            for k in range(8):
+                tot = builder.fadd(tot, builder.extract_element(v, _const(_I32, k)))
+            builder.store(tot, builder.gep(rp, [_const(it, t)]))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_dot(fmt: int, nt: int):  # type: ignore[no-untyped-def]
+    @intrinsic
+    def dot(typingctx, w, woff, xq, xoff, xstride, sx, xs, soff, sstride, nb, res):  # type: ignore[no-untyped-def]
+        sig = types.void(w, woff, xq, xoff, xstride, sx, xs, soff, sstride, nb, res)
+        return sig, _dot_codegen(fmt, nt)
+
+    return dot
+
+
+# module globals, so the drivers below reference them by name (and Numba can cache them)
+_q4_0_t1, _q4_0_t2, _q4_0_t4, _q4_0_t8 = (_make_dot(0, n) for n in TILES)
+_q4_1_t1, _q4_1_t2, _q4_1_t4, _q4_1_t8 = (_make_dot(1, n) for n in TILES)
+_q8_0_t1, _q8_0_t2, _q8_0_t4, _q8_0_t8 = (_make_dot(2, n) for n in TILES)
+
+
+@numba.njit(**_KW, inline="always")
+def _dot(fmt, tile, w, woff, xq, xoff, k, sx, xs, t0, nb, res):
+    ss = sx.shape[1]
+    if fmt == 0:
+        if tile == 1:
+            _q4_0_t1(w, woff, xq, xoff, k, sx, xs, t0, ss, nb, res)
+        elif tile == 2:
+            _q4_0_t2(w, woff, xq, xoff, k, sx, xs, t0, ss, nb, res)
+        elif tile == 4:
+            _q4_0_t4(w, woff, xq, xoff, k, sx, xs, t0, ss, nb, res)
+        else:
+            _q4_0_t8(w, woff, xq, xoff, k, sx, xs, t0, ss, nb, res)
+    elif fmt == 1:
+        if tile == 1:
+            _q4_1_t1(w, woff, xq, xoff, k, sx, xs, t0, ss, nb, res)
+        elif tile == 2:
+            _q4_1_t2(w, woff, xq, xoff, k, sx, xs, t0, ss, nb, res)
+        elif tile == 4:
+            _q4_1_t4(w, woff, xq, xoff, k, sx, xs, t0, ss, nb, res)
+        else:
+            _q4_1_t8(w, woff, xq, xoff, k, sx, xs, t0, ss, nb, res)
+    elif tile == 1:
+        _q8_0_t1(w, woff, xq, xoff, k, sx, xs, t0, ss, nb, res)
+    elif tile == 2:
+        _q8_0_t2(w, woff, xq, xoff, k, sx, xs, t0, ss, nb, res)
+    elif tile == 4:
+        _q8_0_t4(w, woff, xq, xoff, k, sx, xs, t0, ss, nb, res)
+    else:
+        _q8_0_t8(w, woff, xq, xoff, k, sx, xs, t0, ss, nb, res)
+
+
+@numba.njit(**_KW, inline="always")
+def _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, r0, r1):
+    """Output rows [r0, r1) of `out[:n_t, col0 + o] (+)= x . W[o]`."""
+    k = xq.shape[1]
+    nb = k // 32
+    res = np.empty(8, np.float32)
+    for o in range(r0, r1):
+        woff = o * w.shape[1]
+        for t0 in range(0, n_t, tile):
+            _dot(fmt, tile, w, woff, xq, t0 * k, k, sx, xs, t0, nb, res)
+            for t in range(min(tile, n_t - t0)):
+                if accumulate:
+                    out[t0 + t, col0 + o] += res[t]
+                else:
+                    out[t0 + t, col0 + o] = res[t]
+
+
+@numba.njit(**_KW)
+def gemv(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, n_chunks):  # type: ignore[no-untyped-def]
+    """`out[:n_t, col0:col0 + rows] (+)= x @ W.T` in one thread; w `[rows, row_bytes]` GGUF
+    blocks, xq `[T', K]` int16 and sx, xs `[K / 32, T']` from `act_quantize` (T' = n_t
+    rounded up to `tile`). `n_chunks` is unused (the parallel driver's split)."""
+    _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, 0, w.shape[0])
+
+
+@numba.njit(**_KW, parallel=True)
+def gemv_par(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, n_chunks):  # type: ignore[no-untyped-def]
+    """`gemv` with output rows split into `n_chunks` even chunks (one per Numba thread)."""
+    rows = w.shape[0]
+    n_chunks = max(1, min(rows, n_chunks))
+    for c in prange(n_chunks):
+        r0, r1 = c * rows // n_chunks, (c + 1) * rows // n_chunks
+        _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, r0, r1)
+
+
+@numba.njit(**_KW, inline="always")
+def _block_scale(x, t, b):  # max|x| / 32767 of block b of row t, and its reciprocal (0 if tiny)
+    amax = np.float32(0.0)
+    for j in range(32):
+        amax = max(amax, abs(x[t, b * 32 + j]))
+    if not amax > np.float32(1e-30):  # all zero (or NaN): the block quantizes to 0
+        return np.float32(0.0), np.float32(0.0)
+    d = amax / np.float32(32767.0)
+    return d, np.float32(1.0) / d
+
+
+@numba.njit(**_KW)
+def act_quantize(x, xq, sx, xs):  # type: ignore[no-untyped-def]
+    """x `[T, K]` fp32 -> xq `[T', K]` int16 (rows past T zero), sx and xs `[K / 32, T']`:
+    per 32-block scale max|x| / 32767 and the block sum of the rounded values, sx * sum xq
+    (so the q4 min term is that of `act_round`'s x~, and every path computes x~ . W)."""
+    n_t, k = x.shape
+    xq[n_t:] = 0
+    sx[:, n_t:] = 0
+    xs[:, n_t:] = 0
+    for t in range(n_t):
+        for b in range(k // 32):
+            d, inv = _block_scale(x, t, b)
+            isum = 0
+            for j in range(32):
+                v = np.int16(np.rint(x[t, b * 32 + j] * inv))
+                xq[t, b * 32 + j] = v
+                isum += v
+            sx[b, t] = d
+            xs[b, t] = d * np.float32(isum)
+
+
+@numba.njit(**_KW)
+def act_round(x, out):  # type: ignore[no-untyped-def]
+    """out = x~ = sx * xq, the activations `act_quantize` encodes (for the paths that multiply
+    fp32: K-format GEMVs and prefill), bit-equal to its values."""
+    n_t, k = x.shape
+    for t in range(n_t):
+        for b in range(k // 32):
+            d, inv = _block_scale(x, t, b)
+            for j in range(32):
+                out[t, b * 32 + j] = np.float32(np.int16(np.rint(x[t, b * 32 + j] * inv))) * d
