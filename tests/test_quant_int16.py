@@ -27,7 +27,7 @@ def _rounded(x: torch.Tensor) -> torch.Tensor:
     """x~: x rounded to int16 per 32-block (max|x| / 32767 steps), in float64, by torch."""
     xb = x.double().view(x.shape[0], -1, 32)  # [T, nb, 32]
     d = (xb.abs().amax(-1, keepdim=True).float() / 32767.0).double()  # fp32 scale, as the kernel
-    q = torch.where(d > 0, (xb.float() * (1.0 / d.float())).round().double(), 0.0)
+    q = torch.where(d > 0, (xb.float() * (1.0 / d.float()) + 0.5).floor().double(), 0.0)
     return (q * d).view_as(x)
 
 
@@ -41,7 +41,7 @@ def _gemv(m: Q.QuantMatrix, x: np.ndarray, tile: int) -> np.ndarray:
     out = np.empty((n_t, m.rows), np.float32)
     fmt = QL._kernels().FMT_ID[m.fmt]
     kernel, n_chunks = QL._driver("gemv", m.rows * m.cols * n_t, kernels=k16)
-    kernel(fmt, tile, m.data, xq, sx, xs, n_t, out, 0, False, n_chunks)
+    kernel(fmt, tile, m.data, xq, sx, xs, n_t, out, 0, False, out, n_chunks)
     return out
 
 

@@ -11,7 +11,7 @@ registers, for every token of the tile; per token and block the int32 sums are c
 and scaled by `d * sx` with one FMA (no fastmath: the order of every sum is fixed, so a token's
 result does not depend on the tile or the batch it runs in).
 
-Activations (`act_quantize`): per token and 32-block, `sx = max|x| / 32767`, `xq = rint(x / sx)`
+Activations (`act_quantize`): per token and 32-block, `sx = max|x| / 32767`, `xq = floor(x / sx + 1/2)`
 (|error| <= sx / 2, about 1.5e-5 of the block's largest value) and `xs = sx * sum xq` for q4
 mins, so the GEMV computes `x~ . W` for x~ = sx * xq (`act_round`), which the fp32 paths
 (prefill, K formats) multiply: every path agrees to fp32 rounding. Scales and sums are stored block-major (`[blocks, tokens]`) so a block's
@@ -24,6 +24,7 @@ All kernels in this one module (Numba's disk cache watches a function's own file
 
 from __future__ import annotations
 
+import llvmlite.binding as ll
 import numba
 import numpy as np
 from llvmlite import ir
@@ -41,6 +42,13 @@ _I8, _I16, _I32, _F16, _F32 = (
 )
 # block bytes and offset of the values, by format id (quant_numba.FMT_ID: q4_0, q4_1, q8_0)
 _LAYOUT = {0: (18, 2), 1: (20, 4), 2: (34, 2)}
+# 512-bit integer vectors where the host has them (LLVM splits them on AVX2, so the 256-bit
+# form is kept there); Numba's cache keys compiled code by the host CPU
+WIDE = False and "+avx512bw" in ll.get_host_cpu_features().flatten()
+LANES = 16 if WIDE else 8  # fp32 lanes of each token's accumulator
+# activation rounding: reductions may reorder (max, and sums of integers, are exact in any
+# order) but nothing contracts, so act_quantize and act_round round every value alike
+_ACT_FLAGS = {"nnan", "ninf", "nsz", "reassoc"}
 _KW = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 
 
@@ -76,11 +84,29 @@ def _fma(builder, a, b, c):  # type: ignore[no-untyped-def]
 
 
 def _pmadd(builder, a, b):  # type: ignore[no-untyped-def]
-    """<16 x i16> a, b -> <8 x i32> sums of adjacent products (LLVM: `vpmaddwd`)."""
-    p = builder.mul(builder.sext(a, _vec(_I32, 16)), builder.sext(b, _vec(_I32, 16)))
-    even = builder.shuffle_vector(p, p, _const(_vec(_I32, 8), list(range(0, 16, 2))))
-    odd = builder.shuffle_vector(p, p, _const(_vec(_I32, 8), list(range(1, 16, 2))))
+    """<n x i16> a, b -> <n/2 x i32> sums of adjacent products (LLVM: `vpmaddwd`)."""
+    n = a.type.count
+    p = builder.mul(builder.sext(a, _vec(_I32, n)), builder.sext(b, _vec(_I32, n)))
+    even = builder.shuffle_vector(p, p, _const(_vec(_I32, n // 2), list(range(0, n, 2))))
+    odd = builder.shuffle_vector(p, p, _const(_vec(_I32, n // 2), list(range(1, n, 2))))
     return builder.add(even, odd)
+
+
+def _concat(builder, a, b):  # type: ignore[no-untyped-def]
+    n = a.type.count
+    return builder.shuffle_vector(a, b, _const(_vec(_I32, 2 * n), list(range(2 * n))))
+
+
+def _token_sum(builder, lo, hi, xb, it):  # type: ignore[no-untyped-def]
+    """One token's block dot, <LANES x i32>: 512-bit `vpmaddwd` where the host has AVX-512BW
+    (one instruction a block), else two 256-bit ones and an add."""
+    if WIDE:
+        return _pmadd(
+            builder, _concat(builder, lo, hi), _load(builder, xb, _const(it, 0), _vec(_I16, 32), 2)
+        )
+    xl = _load(builder, xb, _const(it, 0), _vec(_I16, 16), 2)
+    xh = _load(builder, xb, _const(it, 16), _vec(_I16, 16), 2)
+    return builder.add(_pmadd(builder, lo, xl), _pmadd(builder, hi, xh))
 
 
 def _block_values(builder, fmt, blk, it):  # type: ignore[no-untyped-def]
@@ -118,9 +144,8 @@ def _dot_codegen(fmt: int, nt: int):  # type: ignore[no-untyped-def]
         xp = builder.gep(_data(context, builder, ta[2], xq, _I16), [xoff])
         sp = builder.gep(_data(context, builder, ta[5], sx, _F32), [soff])
         mp = builder.gep(_data(context, builder, ta[6], xs, _F32), [soff])
-        accs = [
-            cgutils.alloca_once_value(builder, _const(_vec(_F32, 8), [0.0] * 8)) for _ in range(nt)
-        ]
+        zero = _const(_vec(_F32, LANES), [0.0] * LANES)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(nt)]
         acc_min = cgutils.alloca_once_value(builder, _const(_vec(_F32, nt), [0.0] * nt))
         with cgutils.for_range(builder, nb) as loop:
             b = loop.index
@@ -137,18 +162,16 @@ def _dot_codegen(fmt: int, nt: int):  # type: ignore[no-untyped-def]
             xrow = builder.mul(b, _const(it, 32))
             for t in range(nt):
                 xb = builder.gep(xp, [builder.add(xrow, builder.mul(_const(it, t), xstride))])
-                xl = _load(builder, xb, _const(it, 0), _vec(_I16, 16), 2)
-                xh = _load(builder, xb, _const(it, 16), _vec(_I16, 16), 2)
-                s = builder.add(_pmadd(builder, lo, xl), _pmadd(builder, hi, xh))  # <8 x i32>
-                sc = _splat(builder, builder.extract_element(scales, _const(_I32, t)), 8)
-                acc = _fma(builder, builder.sitofp(s, _vec(_F32, 8)), sc, builder.load(accs[t]))
+                s = _token_sum(builder, lo, hi, xb, it)  # <LANES x i32>
+                sc = _splat(builder, builder.extract_element(scales, _const(_I32, t)), LANES)
+                acc = _fma(builder, builder.sitofp(s, _vec(_F32, LANES)), sc, builder.load(accs[t]))
                 builder.store(acc, accs[t])
         rp = _data(context, builder, ta[10], res, _F32)
         mins = builder.load(acc_min)
         for t in range(nt):
             v = builder.load(accs[t])
             tot = builder.extract_element(mins, _const(_I32, t)) if fmt != 2 else _const(_F32, 0.0)
-            for k in range(8):
+            for k in range(LANES):
                 tot = builder.fadd(tot, builder.extract_element(v, _const(_I32, k)))
             builder.store(tot, builder.gep(rp, [_const(it, t)]))
         return context.get_dummy_value()
@@ -203,8 +226,8 @@ def _dot(fmt, tile, w, woff, xq, xoff, k, sx, xs, t0, nb, res):
 
 
 @numba.njit(**_KW, inline="always")
-def _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, r0, r1):
-    """Output rows [r0, r1) of `out[:n_t, col0 + o] (+)= x . W[o]`."""
+def _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, base, r0, r1):
+    """Output rows [r0, r1) of `out[:n_t, col0 + o] = (base[:n_t, col0 + o] +) x . W[o]`."""
     k = xq.shape[1]
     nb = k // 32
     res = np.empty(8, np.float32)
@@ -214,30 +237,31 @@ def _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, r0, r1):
             _dot(fmt, tile, w, woff, xq, t0 * k, k, sx, xs, t0, nb, res)
             for t in range(min(tile, n_t - t0)):
                 if accumulate:
-                    out[t0 + t, col0 + o] += res[t]
+                    out[t0 + t, col0 + o] = base[t0 + t, col0 + o] + res[t]
                 else:
                     out[t0 + t, col0 + o] = res[t]
 
 
 @numba.njit(**_KW)
-def gemv(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, n_chunks):  # type: ignore[no-untyped-def]
-    """`out[:n_t, col0:col0 + rows] (+)= x @ W.T` in one thread; w `[rows, row_bytes]` GGUF
-    blocks, xq `[T', K]` int16 and sx, xs `[K / 32, T']` from `act_quantize` (T' = n_t
-    rounded up to `tile`). `n_chunks` is unused (the parallel driver's split)."""
-    _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, 0, w.shape[0])
+def gemv(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, base, n_chunks):  # type: ignore[no-untyped-def]
+    """`out[:n_t, col0:col0 + rows] = x @ W.T` (`accumulate`: plus `base`'s same cells, which
+    may be `out`'s) in one thread; w `[rows, row_bytes]` GGUF blocks, xq `[T', K]` int16 and
+    sx, xs `[K / 32, T']` from `act_quantize` (T' = n_t rounded up to `tile`). `n_chunks` is
+    unused (the parallel driver's split)."""
+    _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, base, 0, w.shape[0])
 
 
 @numba.njit(**_KW, parallel=True)
-def gemv_par(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, n_chunks):  # type: ignore[no-untyped-def]
+def gemv_par(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, base, n_chunks):  # type: ignore[no-untyped-def]
     """`gemv` with output rows split into `n_chunks` even chunks (one per Numba thread)."""
     rows = w.shape[0]
     n_chunks = max(1, min(rows, n_chunks))
     for c in prange(n_chunks):
         r0, r1 = c * rows // n_chunks, (c + 1) * rows // n_chunks
-        _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, r0, r1)
+        _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, base, r0, r1)
 
 
-@numba.njit(**_KW, inline="always")
+@numba.njit(**_KW, fastmath=_ACT_FLAGS, inline="always")
 def _block_scale(x, t, b):  # max|x| / 32767 of block b of row t, and its reciprocal (0 if tiny)
     amax = np.float32(0.0)
     for j in range(32):
@@ -248,7 +272,7 @@ def _block_scale(x, t, b):  # max|x| / 32767 of block b of row t, and its recipr
     return d, np.float32(1.0) / d
 
 
-@numba.njit(**_KW)
+@numba.njit(**_KW, fastmath=_ACT_FLAGS)
 def act_quantize(x, xq, sx, xs):  # type: ignore[no-untyped-def]
     """x `[T, K]` fp32 -> xq `[T', K]` int16 (rows past T zero), sx and xs `[K / 32, T']`:
     per 32-block scale max|x| / 32767 and the block sum of the rounded values, sx * sum xq
@@ -260,16 +284,16 @@ def act_quantize(x, xq, sx, xs):  # type: ignore[no-untyped-def]
     for t in range(n_t):
         for b in range(k // 32):
             d, inv = _block_scale(x, t, b)
-            isum = 0
+            qsum = np.float32(0.0)  # exact: |sum| <= 32 * 32767 < 2^24
             for j in range(32):
-                v = np.int16(np.rint(x[t, b * 32 + j] * inv))
-                xq[t, b * 32 + j] = v
-                isum += v
+                q = np.floor(x[t, b * 32 + j] * inv + np.float32(0.5))  # rint does not vectorise
+                xq[t, b * 32 + j] = np.int16(q)
+                qsum += q
             sx[b, t] = d
-            xs[b, t] = d * np.float32(isum)
+            xs[b, t] = d * qsum
 
 
-@numba.njit(**_KW)
+@numba.njit(**_KW, fastmath=_ACT_FLAGS)
 def act_round(x, out):  # type: ignore[no-untyped-def]
     """out = x~ = sx * xq, the activations `act_quantize` encodes (for the paths that multiply
     fp32: K-format GEMVs and prefill), bit-equal to its values."""
@@ -278,4 +302,5 @@ def act_round(x, out):  # type: ignore[no-untyped-def]
         for b in range(k // 32):
             d, inv = _block_scale(x, t, b)
             for j in range(32):
-                out[t, b * 32 + j] = np.float32(np.int16(np.rint(x[t, b * 32 + j] * inv))) * d
+                q = np.floor(x[t, b * 32 + j] * inv + np.float32(0.5))
+                out[t, b * 32 + j] = np.float32(np.int16(q)) * d

@@ -45,6 +45,7 @@ INT16_FORMATS = ("q4_0", "q4_1", "q8_0")  # int16 mode's integer GEMV; K formats
 # int16 mode: the integer GEMV up to this many rows (it keeps pace with fbgemm fp16 to 32 tokens:
 # profiling/README.md, session 9), dequantize + MKL past it
 INT16_GEMV_MAX_TOKENS = 32
+_TILE_FOR = (1, 1, 2, 4, 4, 8)  # int16 GEMV's token tile for T rows (8 from 5 up)
 # prefill dequantizes this many weight elements at a time (4 MB of fp32: stays in cache for MKL)
 PREFILL_CHUNK_ELEMS = 1 << 20
 
@@ -90,10 +91,7 @@ def _driver(name: str, work: int, lanes: bool = False, kernels: Any = None) -> t
         kernels = _lane_kernels() if lanes else _kernels()
     if work < PARALLEL_MIN_WORK:
         return getattr(kernels, name), 1
-    cpu_attention.numba_threads(torch.get_num_threads())
-    import numba
-
-    return getattr(kernels, name + "_par"), int(numba.get_num_threads())
+    return getattr(kernels, name + "_par"), cpu_attention.numba_threads(torch.get_num_threads())
 
 
 def dequantize_into(m: Part, ids: np.ndarray, out: np.ndarray) -> None:
@@ -136,6 +134,13 @@ class QuantLinear(CpuLinear):
             raise ValueError(f"bias {tuple(self.bias.shape)} != ({self.out_features},)")
         self._fast = mode == "fast"
         self._int16 = mode == "int16"
+        fmt_id = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # quant_numba.FMT_ID's (not imported here)
+        self._int16_parts = [  # (format id, blocks, first output column, weight elements)
+            (fmt_id[p.fmt], p.data, c, p.rows * p.cols)
+            for p, c in zip(self.parts, self.offsets, strict=False)
+            if isinstance(p, QuantMatrix) and p.fmt in INT16_FORMATS
+        ]
+        self._fp32_blocks = any(p.fmt not in INT16_FORMATS for p in self.parts)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x, None)
@@ -145,14 +150,36 @@ class QuantLinear(CpuLinear):
         return self._run(x, residual)
 
     def _run(self, x: Tensor, residual: Tensor | None) -> Tensor:
-        x = x.to(torch.float32).contiguous()  # [T, in]
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.to(torch.float32).contiguous()  # [T, in]
+        if self._int16:
+            return self._run_int16(x, residual)
         n_t = x.shape[0]
         lane_path = _lane_path(n_t)
-        block_gemv = n_t <= (INT16_GEMV_MAX_TOKENS if self._int16 else GEMV_MAX_TOKENS)
+        block_gemv = n_t <= GEMV_MAX_TOKENS
         has_lanes = any(isinstance(p, LaneMatrix) for p in self.parts)
         has_blocks = any(isinstance(p, QuantMatrix) for p in self.parts)
         # every path but the GEMVs adds its products into `out`
         adds = (has_lanes and lane_path != "gemv") or (has_blocks and not block_gemv)
+        out, accumulate = self._out(x, residual, adds)
+        if has_lanes:
+            if lane_path == "gemv":
+                self._gemv_lanes(x.numpy(), out.numpy(), accumulate)
+            elif lane_path == "staged":
+                self._staged(x, out)
+            else:
+                self._prefill(x, out, LaneMatrix)
+        if has_blocks:
+            if block_gemv:
+                self._gemv_blocks(x.numpy(), out.numpy(), accumulate)
+            else:
+                self._prefill(x, out, QuantMatrix)
+        return out
+
+    def _out(self, x: Tensor, residual: Tensor | None, adds: bool) -> tuple[Tensor, bool]:
+        """The output `[T, out]`, holding residual + bias where there are any (or zeros where
+        the products are added), and whether the kernels add into it."""
+        n_t = x.shape[0]
         if residual is not None:
             out = residual.to(torch.float32).clone()  # [T, out]
             if self.bias is not None:
@@ -162,50 +189,42 @@ class QuantLinear(CpuLinear):
         elif adds:
             out = x.new_zeros(n_t, self.out_features)  # [T, out]
         else:  # the GEMVs store their sums
-            out = x.new_empty(n_t, self.out_features)  # [T, out]
-        accumulate = residual is not None or self.bias is not None or adds
-        if has_lanes:
-            if lane_path == "gemv":
-                self._gemv_lanes(x.numpy(), out.numpy(), accumulate)
-            elif lane_path == "staged":
-                self._staged(x, out)
-            else:
-                self._prefill(x, out, LaneMatrix)
-        if has_blocks and self._int16:
-            self._run_int16(x, out, accumulate, block_gemv)
-        elif has_blocks:
-            if block_gemv:
-                self._gemv_blocks(x.numpy(), out.numpy(), accumulate)
-            else:
-                self._prefill(x, out, QuantMatrix)
-        return out
+            return torch.from_numpy(np.empty((n_t, self.out_features), np.float32)), False
+        return out, True
 
-    def _run_int16(self, x: Tensor, out: Tensor, accumulate: bool, gemv: bool) -> None:
-        """int16 mode: the integer GEMV for q4_0/q4_1/q8_0 parts; K-format parts and
-        prefill multiply the same rounded activations x~ in fp32."""
+    def _run_int16(self, x: Tensor, residual: Tensor | None) -> Tensor:
+        """int16 mode: the integer GEMV for q4_0/q4_1/q8_0 parts up to
+        `INT16_GEMV_MAX_TOKENS` rows; K-format parts and prefill multiply the same rounded
+        activations x~ in fp32."""
         k16 = _int16_kernels()
-        fp32_parts = not gemv or any(p.fmt not in INT16_FORMATS for p in self.parts)
-        if fp32_parts:
+        n_t, k = x.shape
+        gemv = n_t <= INT16_GEMV_MAX_TOKENS
+        direct = gemv and self.bias is None and residual is not None and not self._fp32_blocks
+        if direct:  # the kernel adds the residual in its store: no copy of it first
+            base = residual.to(torch.float32).contiguous().numpy()  # [T, out]
+            out, accumulate = torch.from_numpy(np.empty_like(base)), True
+        else:
+            out, accumulate = self._out(x, residual, not gemv)
+        if not gemv or self._fp32_blocks:
             xr = torch.empty_like(x)  # [T, in] x~
             k16.act_round(x.numpy(), xr.numpy())
-        if not gemv:
-            self._prefill(xr, out, QuantMatrix)
-            return
-        n_t, k = x.shape
-        tile = next(t for t in k16.TILES if t >= n_t) if n_t < k16.TILES[-1] else k16.TILES[-1]
+            if not gemv:
+                self._prefill(xr, out, QuantMatrix)
+                return out
+            self._gemv_blocks(xr.numpy(), out.numpy(), accumulate, skip=INT16_FORMATS)
+        tile = _TILE_FOR[n_t] if n_t < len(_TILE_FOR) else _TILE_FOR[-1]
         n_pad = -(-n_t // tile) * tile
         xq = np.empty((n_pad, k), np.int16)
         sx = np.empty((k // 32, n_pad), np.float32)  # per-block scales, block-major
         xs = np.empty((k // 32, n_pad), np.float32)  # per-block sums of x~
         k16.act_quantize(x.numpy(), xq, sx, xs)
         o = out.numpy()
-        for part, col0 in zip(self.parts, self.offsets, strict=False):
-            if isinstance(part, QuantMatrix) and part.fmt in INT16_FORMATS:
-                kernel, n_chunks = _driver("gemv", part.rows * part.cols * n_t, kernels=k16)
-                fmt = _kernels().FMT_ID[part.fmt]
-                kernel(fmt, tile, part.data, xq, sx, xs, n_t, o, col0, accumulate, n_chunks)
-        if fp32_parts:
-            self._gemv_blocks(xr.numpy(), o, accumulate, skip=INT16_FORMATS)
+        if not direct:
+            base = o
+        for fmt, data, col0, size in self._int16_parts:
+            kernel, n_chunks = _driver("gemv", size * n_t, kernels=k16)
+            kernel(fmt, tile, data, xq, sx, xs, n_t, o, col0, accumulate, base, n_chunks)
+        return out
 
     def _gemv_lanes(self, x: np.ndarray, out: np.ndarray, accumulate: bool) -> None:
         kernels = _lane_kernels()
