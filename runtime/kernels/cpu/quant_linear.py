@@ -199,11 +199,12 @@ class QuantLinear(CpuLinear):
         k16 = _int16_kernels()
         n_t, k = x.shape
         gemv = n_t <= INT16_GEMV_MAX_TOKENS
-        direct = gemv and self.bias is None and residual is not None and not self._fp32_blocks
-        if direct:  # the kernel adds the residual in its store: no copy of it first
+        direct = gemv and self.bias is None and not self._fp32_blocks
+        if direct and residual is not None:  # the kernel adds it in its store: no copy first
             base = residual.to(torch.float32).contiguous().numpy()  # [T, out]
             out, accumulate = torch.from_numpy(np.empty_like(base)), True
         else:
+            direct = False
             out, accumulate = self._out(x, residual, not gemv)
         if not gemv or self._fp32_blocks:
             xr = torch.empty_like(x)  # [T, in] x~
