@@ -24,7 +24,6 @@ All kernels in this one module (Numba's disk cache watches a function's own file
 
 from __future__ import annotations
 
-import llvmlite.binding as ll
 import numba
 import numpy as np
 from llvmlite import ir
@@ -42,10 +41,7 @@ _I8, _I16, _I32, _F16, _F32 = (
 )
 # block bytes and offset of the values, by format id (quant_numba.FMT_ID: q4_0, q4_1, q8_0)
 _LAYOUT = {0: (18, 2), 1: (20, 4), 2: (34, 2)}
-# 512-bit integer vectors where the host has them (LLVM splits them on AVX2, so the 256-bit
-# form is kept there); Numba's cache keys compiled code by the host CPU
-WIDE = False and "+avx512bw" in ll.get_host_cpu_features().flatten()
-LANES = 16 if WIDE else 8  # fp32 lanes of each token's accumulator
+LANES = 8  # fp32 lanes of each token's accumulator (a 256-bit vector)
 # activation rounding: reductions may reorder (max, and sums of integers, are exact in any
 # order) but nothing contracts, so act_quantize and act_round round every value alike
 _ACT_FLAGS = {"nnan", "ninf", "nsz", "reassoc"}
@@ -92,18 +88,9 @@ def _pmadd(builder, a, b):  # type: ignore[no-untyped-def]
     return builder.add(even, odd)
 
 
-def _concat(builder, a, b):  # type: ignore[no-untyped-def]
-    n = a.type.count
-    return builder.shuffle_vector(a, b, _const(_vec(_I32, 2 * n), list(range(2 * n))))
-
-
 def _token_sum(builder, lo, hi, xb, it):  # type: ignore[no-untyped-def]
-    """One token's block dot, <LANES x i32>: 512-bit `vpmaddwd` where the host has AVX-512BW
-    (one instruction a block), else two 256-bit ones and an add."""
-    if WIDE:
-        return _pmadd(
-            builder, _concat(builder, lo, hi), _load(builder, xb, _const(it, 0), _vec(_I16, 32), 2)
-        )
+    """One token's block dot, <8 x i32>: two 256-bit `vpmaddwd` and an add (512-bit vectors
+    and VNNI's `vpdpwssd` measured no faster: profiling/README.md, session 9)."""
     xl = _load(builder, xb, _const(it, 0), _vec(_I16, 16), 2)
     xh = _load(builder, xb, _const(it, 16), _vec(_I16, 16), 2)
     return builder.add(_pmadd(builder, lo, xl), _pmadd(builder, hi, xh))
