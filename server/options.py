@@ -136,18 +136,19 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "quant_type",
         "str",
-        "CPU weight format: none = dense --data_type weights (the default: today's fastest); auto "
-        "keeps a GGUF's own block formats (the default model's Q4_1 as shipped, 0.98x the file's "
-        "bytes); a format name quantizes an HF checkpoint at load",
+        "CPU weight format: auto (the default) keeps a GGUF's own block formats (the default "
+        "model's Q4_1 as shipped, 0.98x the file's bytes; dense for HF checkpoints, reward models, "
+        "GPUs and --tp > 1); none = dense --data_type weights; a format name quantizes an HF "
+        "checkpoint at load",
         engine=True,
         choices=("auto", "none", "q4_0", "q4_1", "q8_0", "q4_k", "q6_k"),
     ),
     Option(
         "quant_mode",
         "str",
-        "arithmetic of quantized weights: exact (fp32 activations: the dequantized model to "
-        "fp32 rounding), int16 (activations rounded to 16 bits per 32-block, integer "
-        "multiply-adds on the GGUF blocks as shipped) or fast (8 bits per block, as llama.cpp)",
+        "arithmetic of quantized weights: int16 (the default: activations rounded to 16 bits "
+        "per 32-block, integer multiply-adds on the GGUF blocks as shipped), exact (fp32 "
+        "activations: the dequantized model to fp32 rounding) or fast (8 bits, as llama.cpp)",
         engine=True,
         choices=("exact", "int16", "fast"),
     ),

@@ -53,7 +53,9 @@ def test_tp2_logits_and_greedy_tokens_match_tp1() -> None:
     results = []
     threads = torch.get_num_threads()  # --tp 2 gives this process cores / 2: restored after
     for tp in (1, 2):
-        runner, tok = load_runner(EngineArgs(tp=tp, data_type="fp32", max_total_token_num=256))
+        runner, tok = load_runner(
+            EngineArgs(tp=tp, quant_type="none", data_type="fp32", max_total_token_num=256)
+        )
         try:
             results.append(_greedy(runner, tok))
         finally:

@@ -31,8 +31,8 @@ class EngineArgs:
     graph_max_len_in_batch: int | None = None
     num_threads: int | None = None  # torch intra-op threads on the CPU
     seed: int = 0  # seeds the generator that unseeded requests draw their seeds from
-    quant_type: str = "none"  # auto | none | q4_0 | q4_1 | q8_0 | q4_k | q6_k (CPU weights)
-    quant_mode: str = "exact"  # exact: fp32 activations; fast: 8-bit activations per block
+    quant_type: str = "auto"  # auto | none | q4_0 | q4_1 | q8_0 | q4_k | q6_k (CPU weights)
+    quant_mode: str = "int16"  # exact: fp32 activations; int16 / fast: 16 / 8 bits per block
     cpu_linear: str = "onednn"  # onednn | aten
     cpu_attention: str = "numba"  # numba | torch
     cpu_kernels: str = "numba"  # numba | torch

@@ -180,8 +180,8 @@ def load_runner(args: EngineArgs) -> tuple[ModelRunner, Tokenizer]:
     """Load weights, tokenizer and KV pool as `args` say (at `--tp N`, rank 0's shard and the
     workers holding the others)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.tp > 1 and args.quant_type != "none" and device.type == "cpu":
-        raise CheckpointError(
+    if args.tp > 1 and args.quant_type not in ("none", "auto") and device.type == "cpu":
+        raise CheckpointError(  # auto (the default) means dense at --tp N > 1
             f"--tp {args.tp} needs dense weights: use --quant_type none, not {args.quant_type}"
         )
     threads = _threads(args)
