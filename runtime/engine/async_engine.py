@@ -1,5 +1,5 @@
-"""The engine's Trio face: `AsyncEngine.run` lives in the app's nursery and steps the core on a
-worker thread; each request is a memory channel of events, aborted when its consumer leaves."""
+"""The engine's Trio face: `AsyncEngine.run` lives in the app's nursery and steps the core on its
+model thread; each request is a memory channel of events, aborted when its consumer leaves."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from runtime.engine.api import (
 from runtime.engine.args import EngineArgs
 from runtime.engine.core import EngineCore, Event, Request
 from runtime.engine.loader import load_runner
+from runtime.engine.model_thread import ModelThread
 from runtime.sampling.params import SamplingParams
 from runtime.text.tokenizer import Tokenizer
 
@@ -52,7 +53,14 @@ class AsyncEngine:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Load the model, report readiness, then step forever; raises when a step fails."""
-        core = await trio.to_thread.run_sync(self._load)
+        model_thread = ModelThread()  # the load and every step on one thread (its docstring)
+        try:
+            await self._serve(model_thread, task_status)
+        finally:
+            model_thread.close()
+
+    async def _serve(self, model_thread: ModelThread, task_status: trio.TaskStatus[None]) -> None:
+        core = await model_thread.run(self._load)
         self.core, self.tokenizer = core, core.tokenizer
         self.info = core.model_info()
         core.runner.watch(self._failure_reporter())
@@ -66,7 +74,7 @@ class AsyncEngine:
                     self._wakeup = trio.Event()
                     continue
                 core.timer.lap("idle")
-                events = await trio.to_thread.run_sync(core.step)
+                events = await model_thread.run(core.step)
                 self.steps_done += 1
                 self.last_step_done_s = trio.current_time()
                 self._deliver(events)
