@@ -264,7 +264,7 @@ def test_cpu_fp16_data_type_runs_fp16_weights_with_fp32_activations(
     if not cpu_linear.fp16_weights_available():
         pytest.skip("fbgemm fp16 weights unavailable")
     folder = str(default_model_dir)
-    small = dict(model_dir=folder, device="cpu", max_total_token_num=256)
+    small = dict(model_dir=folder, device="cpu", max_total_token_num=256, quant_type="none")
     runner16, tok = load_runner(EngineArgs(data_type="fp16", **small))
     runner32, _ = load_runner(EngineArgs(data_type="fp32", **small))
     layer = runner16.model.decoder_layers()[0]

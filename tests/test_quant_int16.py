@@ -91,7 +91,7 @@ def test_act_round_is_what_act_quantize_encodes() -> None:
 
 
 @pytest.mark.usefixtures("driver")
-@pytest.mark.parametrize("t", [1, 8, 32, 33])  # the GEMV up to INT16_GEMV_MAX_TOKENS, then prefill
+@pytest.mark.parametrize("t", [1, 8, QL.INT16_GEMV_MAX_TOKENS, QL.INT16_GEMV_MAX_TOKENS + 1])
 def test_linear_mixed_formats_bias_and_residual(t: int) -> None:
     """q, k, v-like parts of every format (K formats take the fp32 GEMV on x~): every path's
     result is x~ @ W.T (+ bias, + residual), adjacent parts of a format merged into one."""
