@@ -117,3 +117,14 @@ def test_int16_rejects_the_lane_layout() -> None:
     lanes = QP.pack(_random_blocks("q4_1", 8, 64, seed=1))
     with pytest.raises(ValueError, match="int16 mode runs on GGUF blocks"):
         QL.QuantLinear([lanes], mode="int16")
+
+
+@pytest.mark.usefixtures("driver")
+@pytest.mark.parametrize("fmt", INT16)
+def test_vector_dequant_is_bit_equal(fmt: str) -> None:
+    """The prefill scratch's vector dequantization equals the numpy twin to the bit, any
+    row range (random nibbles and scales, q4_0's offset, q8_0's signs)."""
+    m = _random_blocks(fmt, 40, 512, seed=3)
+    out = np.empty((27, 512), np.float32)
+    QL._dequant_rows_into(m, 9, 36, out)
+    assert np.array_equal(out, Q.dequantize(m).numpy()[9:36])

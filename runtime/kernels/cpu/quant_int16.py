@@ -192,6 +192,75 @@ _q4_1_t1, _q4_1_t2, _q4_1_t4, _q4_1_t8 = (_make_dot(1, n) for n in TILES)
 _q8_0_t1, _q8_0_t2, _q8_0_t4, _q8_0_t8 = (_make_dot(2, n) for n in TILES)
 
 
+def _dequant_codegen(fmt: int):  # type: ignore[no-untyped-def]
+    """IR for one row's blocks (at byte `woff` of `w`) -> fp32 at element `ooff` of `out`, 32
+    values a block in vector stores, in gguf's operation order (q4_0: d (q - 8); q4_1:
+    d q + m; q8_0: q d; no contraction): bit-equal to `quant.dequantize`."""
+    bb, _ = _LAYOUT[fmt]
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        w, woff, out, ooff, nb = args
+        it = woff.type
+        wp = builder.gep(_data(context, builder, sig.args[0], w, _I8), [woff])
+        op = builder.gep(_data(context, builder, sig.args[2], out, _F32), [ooff])
+        v32 = _vec(_F32, 32)
+        with cgutils.for_range(builder, nb) as loop:
+            b = loop.index
+            blk = builder.gep(wp, [builder.mul(b, _const(it, bb))])
+            lo, hi, d = _block_values(builder, fmt, blk, it)  # <16 x i16> halves
+            q = builder.shuffle_vector(lo, hi, _const(_vec(_I32, 32), list(range(32))))
+            if fmt == 0:
+                q = builder.sub(q, _const(_vec(_I16, 32), [8] * 32))
+            val = builder.fmul(_splat(builder, d, 32), builder.sitofp(q, v32))
+            if fmt == 1:
+                val = builder.fadd(val, _splat(builder, _block_min(builder, fmt, blk, it, d), 32))
+            dst = builder.gep(op, [builder.mul(b, _const(it, 32))])
+            builder.store(val, builder.bitcast(dst, v32.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_dequant(fmt: int):  # type: ignore[no-untyped-def]
+    @intrinsic
+    def dequant_row(typingctx, w, woff, out, ooff, nb):  # type: ignore[no-untyped-def]
+        return types.void(w, woff, out, ooff, nb), _dequant_codegen(fmt)
+
+    return dequant_row
+
+
+_dq_q4_0, _dq_q4_1, _dq_q8_0 = (_make_dequant(f) for f in (0, 1, 2))
+
+
+@numba.njit(**_KW, inline="always")
+def _dequant_rows(fmt, w, r0, r1, out, first):  # rows [r0, r1) of W -> out[r - first]
+    cols = out.shape[1]
+    for r in range(r0, r1):
+        woff, ooff = r * w.shape[1], (r - first) * cols
+        if fmt == 0:
+            _dq_q4_0(w, woff, out, ooff, cols // 32)
+        elif fmt == 1:
+            _dq_q4_1(w, woff, out, ooff, cols // 32)
+        else:
+            _dq_q8_0(w, woff, out, ooff, cols // 32)
+
+
+@numba.njit(**_KW)
+def dequant(fmt, w, r0, r1, out, n_chunks):  # type: ignore[no-untyped-def]
+    """out `[r1 - r0, cols]` fp32 = rows [r0, r1) of the GGUF blocks `w`, one thread (the
+    prefill's scratch; vector stores, ~10x the scalar `quant_numba.dequant`)."""
+    _dequant_rows(fmt, w, r0, r1, out, r0)
+
+
+@numba.njit(**_KW, parallel=True)
+def dequant_par(fmt, w, r0, r1, out, n_chunks):  # type: ignore[no-untyped-def]
+    """`dequant` with the rows split into `n_chunks` even chunks (one per Numba thread)."""
+    n = r1 - r0
+    n_chunks = max(1, min(n, n_chunks))
+    for c in prange(n_chunks):
+        _dequant_rows(fmt, w, r0 + c * n // n_chunks, r0 + (c + 1) * n // n_chunks, out, r0)
+
+
 @numba.njit(**_KW, inline="always")
 def _dot(fmt, tile, w, woff, xq, xoff, k, sx, xs, t0, nb, res):
     ss = sx.shape[1]

@@ -42,9 +42,10 @@ STAGED_MAX_TOKENS = 32
 PARALLEL_MIN_WORK = 1 << 16
 MODES = ("exact", "int16", "fast")
 INT16_FORMATS = ("q4_0", "q4_1", "q8_0")  # int16 mode's integer GEMV; K formats multiply fp32
-# int16 mode: the integer GEMV up to this many rows, dequantize + MKL past it: the GEMV is faster
-# to ~48 rows and even at 64 (profiling/README.md, session 9), and a token's result is the same
-# bits in any batch it computes (decode batches up to 64 are batch-invariant to the bit)
+# int16 mode: the integer GEMV up to this many rows, dequantize + MKL past it. A token's GEMV
+# result is the same bits in any batch, so decode batches up to 64 are batch-invariant to the
+# bit; past ~32 rows the vector dequantize + MKL is faster, by up to 1.3x at 64 (profiling/
+# README.md, session 9)
 INT16_GEMV_MAX_TOKENS = 64
 _TILE_FOR = (1, 1, 2, 4, 4, 8)  # int16 GEMV's token tile for T rows (8 from 5 up)
 # prefill dequantizes this many weight elements at a time (4 MB of fp32: stays in cache for MKL)
@@ -104,6 +105,17 @@ def dequantize_into(m: Part, ids: np.ndarray, out: np.ndarray) -> None:
     kernels = _kernels()
     kernel, n_chunks = _driver("dequant", len(ids) * m.cols)
     kernel(kernels.FMT_ID[m.fmt], m.data, ids, f16_table(), out, n_chunks)
+
+
+def _dequant_rows_into(m: QuantMatrix, r0: int, r1: int, out: np.ndarray) -> None:
+    """out `[r1 - r0, cols]` fp32 = rows [r0, r1) of `m` (q4_0/q4_1/q8_0: `quant_int16`'s vector
+    kernel; others: `quant_numba`'s; both bit-equal to `quant.dequantize`)."""
+    if m.fmt not in INT16_FORMATS:
+        dequantize_into(m, np.arange(r0, r1), out)
+        return
+    k16 = _int16_kernels()
+    kernel, n_chunks = _driver("dequant", (r1 - r0) * m.cols, kernels=k16)
+    kernel(_kernels().FMT_ID[m.fmt], m.data, r0, r1, out, n_chunks)
 
 
 class QuantLinear(CpuLinear):
@@ -314,7 +326,7 @@ class QuantLinear(CpuLinear):
                     )
                 else:
                     wt = scratch[: n * cols].view(n, cols).t()  # [in, rows] fp32
-                    dequantize_into(part, np.arange(r0, r1), wt.t().numpy())
+                    _dequant_rows_into(part, r0, r1, wt.t().numpy())
                 out[:, col0 + r0 : col0 + r1].addmm_(x, wt)  # [T, rows]
 
 
