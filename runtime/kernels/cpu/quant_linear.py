@@ -228,13 +228,18 @@ class QuantLinear(CpuLinear):
             self._gemv_blocks(xr.numpy(), out.numpy(), accumulate, skip=INT16_FORMATS)
         tile = _TILE_FOR[n_t] if n_t < len(_TILE_FOR) else _TILE_FOR[-1]
         n_pad = -(-n_t // tile) * tile
+        o = out.numpy()
+        if not direct:
+            base = o
+        if len(self._int16_parts) == 1:  # the common case: rounding and GEMV in one call
+            fmt, data, col0, size = self._int16_parts[0]
+            kernel, n_chunks = _driver("linear", size * n_t, kernels=k16)
+            kernel(fmt, tile, data, x.numpy(), n_pad, o, col0, accumulate, base, n_chunks)
+            return out
         xq = np.empty((n_pad, k), np.int16)
         sx = np.empty((k // 32, n_pad), np.float32)  # per-block scales, block-major
         xs = np.empty((k // 32, n_pad), np.float32)  # per-block sums of x~
         k16.act_quantize(x.numpy(), xq, sx, xs)
-        o = out.numpy()
-        if not direct:
-            base = o
         for fmt, data, col0, size in self._int16_parts:
             kernel, n_chunks = _driver("gemv", size * n_t, kernels=k16)
             kernel(fmt, tile, data, xq, sx, xs, n_t, o, col0, accumulate, base, n_chunks)
