@@ -32,16 +32,12 @@ def _rounded(x: torch.Tensor) -> torch.Tensor:
 
 
 def _gemv(m: Q.QuantMatrix, x: np.ndarray, tile: int) -> np.ndarray:
-    k16 = QL._int16_kernels()
-    n_t, k = x.shape
+    n_t = x.shape[0]
     n_pad = -(-n_t // tile) * tile
-    xq = np.empty((n_pad, k), np.int16)
-    sx, xs = np.empty((k // 32, n_pad), np.float32), np.empty((k // 32, n_pad), np.float32)
-    k16.act_quantize(x, xq, sx, xs)
     out = np.empty((n_t, m.rows), np.float32)
-    fmt = QL._kernels().FMT_ID[m.fmt]
-    kernel, n_chunks = QL._driver("gemv", m.rows * m.cols * n_t, kernels=k16)
-    kernel(fmt, tile, m.data, xq, sx, xs, n_t, out, 0, False, out, n_chunks)
+    k16 = QL._int16_kernels()
+    kernel, n_chunks = QL._driver("linear", m.rows * m.cols * n_t, kernels=k16)
+    kernel(Q.FMT_ID[m.fmt], tile, m.data, x, n_pad, out, 0, False, out, n_chunks)
     return out
 
 

@@ -17,6 +17,8 @@ import torch
 
 FORMATS = ("q4_0", "q4_1", "q8_0", "q4_k", "q6_k")
 BLOCK_ELEMS: dict[str, int] = {"q4_0": 32, "q4_1": 32, "q8_0": 32, "q4_k": 256, "q6_k": 256}
+# the kernels' small-int format ids (`quant_numba` branches on them; `quant_int16` takes 0-2)
+FMT_ID: dict[str, int] = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4_k": 3, "q6_k": 4}
 BLOCK_BYTES: dict[str, int] = {"q4_0": 18, "q4_1": 20, "q8_0": 34, "q4_k": 144, "q6_k": 210}
 GGML_TYPE: dict[str, int] = {"q4_0": 2, "q4_1": 3, "q8_0": 8, "q4_k": 12, "q6_k": 14}
 

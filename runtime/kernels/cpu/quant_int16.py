@@ -39,7 +39,7 @@ _I8, _I16, _I32, _F16, _F32 = (
     ir.HalfType(),
     ir.FloatType(),
 )
-# block bytes and offset of the values, by format id (quant_numba.FMT_ID: q4_0, q4_1, q8_0)
+# block bytes and offset of the values, by format id (quant.FMT_ID: q4_0, q4_1, q8_0)
 _LAYOUT = {0: (18, 2), 1: (20, 4), 2: (34, 2)}
 # weights are read this far ahead of the block being dotted: with 8 tokens a block takes ~20
 # cycles, and the out-of-order window alone keeps too few lines in flight
@@ -309,25 +309,6 @@ def _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, base, r0, r
                     out[t0 + t, col0 + o] = res[t]
 
 
-@numba.njit(**_KW)
-def gemv(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, base, n_chunks):  # type: ignore[no-untyped-def]
-    """`out[:n_t, col0:col0 + rows] = x @ W.T` (`accumulate`: plus `base`'s same cells, which
-    may be `out`'s) in one thread; w `[rows, row_bytes]` GGUF blocks, xq `[T', K]` int16 and
-    sx, xs `[K / 32, T']` from `act_quantize` (T' = n_t rounded up to `tile`). `n_chunks` is
-    unused (the parallel driver's split)."""
-    _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, base, 0, w.shape[0])
-
-
-@numba.njit(**_KW, parallel=True)
-def gemv_par(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, base, n_chunks):  # type: ignore[no-untyped-def]
-    """`gemv` with output rows split into `n_chunks` even chunks (one per Numba thread)."""
-    rows = w.shape[0]
-    n_chunks = max(1, min(rows, n_chunks))
-    for c in prange(n_chunks):
-        r0, r1 = c * rows // n_chunks, (c + 1) * rows // n_chunks
-        _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, base, r0, r1)
-
-
 @numba.njit(**_KW, fastmath=_ACT_FLAGS, inline="always")
 def _block_scale(x, t, b):  # max|x| / 32767 of block b of row t, and its reciprocal (0 if tiny)
     amax = np.float32(0.0)
@@ -339,32 +320,43 @@ def _block_scale(x, t, b):  # max|x| / 32767 of block b of row t, and its recipr
     return d, np.float32(1.0) / d
 
 
-@numba.njit(**_KW)
-def linear(fmt, tile, w, x, n_pad, out, col0, accumulate, base, n_chunks):  # type: ignore[no-untyped-def]
-    """`act_quantize` of x `[T, K]` fp32 (padded to `n_pad` rows), then `gemv`: one call a
-    linear of one part (Python and dispatch cost ~3 us a call less than the two)."""
+@numba.njit(**_KW, fastmath=_ACT_FLAGS, inline="always")
+def _rounded(v, inv):  # v / sx to the nearest integer, halves up (rint does not vectorise)
+    return np.floor(v * inv + np.float32(0.5))
+
+
+@numba.njit(**_KW, inline="always")
+def _quantized(x, n_pad):  # act_quantize into fresh buffers
     n_t, k = x.shape
     xq = np.empty((n_pad, k), np.int16)
     sx = np.empty((k // 32, n_pad), np.float32)
     xs = np.empty((k // 32, n_pad), np.float32)
     act_quantize(x, xq, sx, xs)
-    _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, base, 0, w.shape[0])
+    return xq, sx, xs
+
+
+@numba.njit(**_KW)
+def linear(fmt, tile, w, x, n_pad, out, col0, accumulate, base, n_chunks):  # type: ignore[no-untyped-def]
+    """`out[:T, col0:col0 + rows] = x @ W.T` (`accumulate`: plus `base`'s same cells, which
+    may be `out`'s) in one thread: x `[T, K]` fp32 rounded by `act_quantize` (padded to
+    `n_pad` rows, a multiple of `tile`), then the GEMV over w `[rows, row_bytes]` GGUF blocks.
+    One call a part: the rounding is not worth a call of its own (~3 us of Python and
+    dispatch), and a linear rarely has more than one int16 part. `n_chunks` is unused (the
+    parallel driver's split)."""
+    xq, sx, xs = _quantized(x, n_pad)
+    _gemv_rows(fmt, tile, w, xq, sx, xs, x.shape[0], out, col0, accumulate, base, 0, w.shape[0])
 
 
 @numba.njit(**_KW, parallel=True)
 def linear_par(fmt, tile, w, x, n_pad, out, col0, accumulate, base, n_chunks):  # type: ignore[no-untyped-def]
     """`linear` with the GEMV's output rows split into `n_chunks` even chunks (the rounding
     runs first, on the calling thread)."""
-    n_t, k = x.shape
-    xq = np.empty((n_pad, k), np.int16)
-    sx = np.empty((k // 32, n_pad), np.float32)
-    xs = np.empty((k // 32, n_pad), np.float32)
-    act_quantize(x, xq, sx, xs)
+    xq, sx, xs = _quantized(x, n_pad)
     rows = w.shape[0]
     n_chunks = max(1, min(rows, n_chunks))
     for c in prange(n_chunks):
         r0, r1 = c * rows // n_chunks, (c + 1) * rows // n_chunks
-        _gemv_rows(fmt, tile, w, xq, sx, xs, n_t, out, col0, accumulate, base, r0, r1)
+        _gemv_rows(fmt, tile, w, xq, sx, xs, x.shape[0], out, col0, accumulate, base, r0, r1)
 
 
 @numba.njit(**_KW, fastmath=_ACT_FLAGS)
@@ -381,7 +373,7 @@ def act_quantize(x, xq, sx, xs):  # type: ignore[no-untyped-def]
             d, inv = _block_scale(x, t, b)
             qsum = np.float32(0.0)  # exact: |sum| <= 32 * 32767 < 2^24
             for j in range(32):
-                q = np.floor(x[t, b * 32 + j] * inv + np.float32(0.5))  # rint does not vectorise
+                q = _rounded(x[t, b * 32 + j], inv)
                 xq[t, b * 32 + j] = np.int16(q)
                 qsum += q
             sx[b, t] = d
@@ -397,5 +389,5 @@ def act_round(x, out):  # type: ignore[no-untyped-def]
         for b in range(k // 32):
             d, inv = _block_scale(x, t, b)
             for j in range(32):
-                q = np.floor(x[t, b * 32 + j] * inv + np.float32(0.5))
+                q = _rounded(x[t, b * 32 + j], inv)
                 out[t, b * 32 + j] = np.float32(np.int16(q)) * d

@@ -27,7 +27,7 @@ from torch import Tensor
 from runtime.kernels.cpu import attention as cpu_attention
 from runtime.kernels.cpu import quant_pack
 from runtime.kernels.cpu.linear import CpuLinear
-from runtime.kernels.cpu.quant import QuantMatrix
+from runtime.kernels.cpu.quant import FMT_ID, QuantMatrix
 from runtime.kernels.cpu.quant_pack import LaneMatrix
 
 Part = QuantMatrix | LaneMatrix
@@ -102,9 +102,8 @@ def dequantize_into(m: Part, ids: np.ndarray, out: np.ndarray) -> None:
         kernel, n_chunks = _driver("dequant", len(ids) * m.cols, lanes=True)
         kernel(m.q8, m.qs, m.d, m.m, m.blocks, ids, out, n_chunks)
         return
-    kernels = _kernels()
     kernel, n_chunks = _driver("dequant", len(ids) * m.cols)
-    kernel(kernels.FMT_ID[m.fmt], m.data, ids, f16_table(), out, n_chunks)
+    kernel(FMT_ID[m.fmt], m.data, ids, f16_table(), out, n_chunks)
 
 
 def _dequant_rows_into(m: QuantMatrix, r0: int, r1: int, out: np.ndarray) -> None:
@@ -115,7 +114,7 @@ def _dequant_rows_into(m: QuantMatrix, r0: int, r1: int, out: np.ndarray) -> Non
         return
     k16 = _int16_kernels()
     kernel, n_chunks = _driver("dequant", (r1 - r0) * m.cols, kernels=k16)
-    kernel(_kernels().FMT_ID[m.fmt], m.data, r0, r1, out, n_chunks)
+    kernel(FMT_ID[m.fmt], m.data, r0, r1, out, n_chunks)
 
 
 class QuantLinear(CpuLinear):
@@ -147,9 +146,8 @@ class QuantLinear(CpuLinear):
             raise ValueError(f"bias {tuple(self.bias.shape)} != ({self.out_features},)")
         self._fast = mode == "fast"
         self._int16 = mode == "int16"
-        fmt_id = {"q4_0": 0, "q4_1": 1, "q8_0": 2}  # quant_numba.FMT_ID's (not imported here)
         self._int16_parts = [  # (format id, blocks, first output column, weight elements)
-            (fmt_id[p.fmt], p.data, c, p.rows * p.cols)
+            (FMT_ID[p.fmt], p.data, c, p.rows * p.cols)
             for p, c in zip(self.parts, self.offsets, strict=False)
             if isinstance(p, QuantMatrix) and p.fmt in INT16_FORMATS
         ]
@@ -210,14 +208,13 @@ class QuantLinear(CpuLinear):
         `INT16_GEMV_MAX_TOKENS` rows; K-format parts and prefill multiply the same rounded
         activations x~ in fp32."""
         k16 = _int16_kernels()
-        n_t, k = x.shape
+        n_t = x.shape[0]
         gemv = n_t <= INT16_GEMV_MAX_TOKENS
-        direct = gemv and self.bias is None and not self._fp32_blocks
-        if direct and residual is not None:  # the kernel adds it in its store: no copy first
-            base = residual.to(torch.float32).contiguous().numpy()  # [T, out]
+        base: np.ndarray | None = None  # what the GEMV adds its sums to (None: `out` itself)
+        if gemv and residual is not None and self.bias is None and not self._fp32_blocks:
+            base = residual.to(torch.float32).contiguous().numpy()  # [T, out], added in the store
             out, accumulate = torch.from_numpy(np.empty_like(base)), True
         else:
-            direct = False
             out, accumulate = self._out(x, residual, not gemv)
         if not gemv or self._fp32_blocks:
             xr = torch.empty_like(x)  # [T, in] x~
@@ -229,20 +226,11 @@ class QuantLinear(CpuLinear):
         tile = _TILE_FOR[n_t] if n_t < len(_TILE_FOR) else _TILE_FOR[-1]
         n_pad = -(-n_t // tile) * tile
         o = out.numpy()
-        if not direct:
+        if base is None:
             base = o
-        if len(self._int16_parts) == 1:  # the common case: rounding and GEMV in one call
-            fmt, data, col0, size = self._int16_parts[0]
+        for fmt, data, col0, size in self._int16_parts:  # rounding and GEMV in one call
             kernel, n_chunks = _driver("linear", size * n_t, kernels=k16)
             kernel(fmt, tile, data, x.numpy(), n_pad, o, col0, accumulate, base, n_chunks)
-            return out
-        xq = np.empty((n_pad, k), np.int16)
-        sx = np.empty((k // 32, n_pad), np.float32)  # per-block scales, block-major
-        xs = np.empty((k // 32, n_pad), np.float32)  # per-block sums of x~
-        k16.act_quantize(x.numpy(), xq, sx, xs)
-        for fmt, data, col0, size in self._int16_parts:
-            kernel, n_chunks = _driver("gemv", size * n_t, kernels=k16)
-            kernel(fmt, tile, data, xq, sx, xs, n_t, o, col0, accumulate, base, n_chunks)
         return out
 
     def _gemv_lanes(self, x: np.ndarray, out: np.ndarray, accumulate: bool) -> None:
@@ -279,7 +267,7 @@ class QuantLinear(CpuLinear):
         for part, col0 in zip(self.parts, self.offsets, strict=False):
             if not isinstance(part, QuantMatrix) or part.fmt in skip:
                 continue
-            fmt = kernels.FMT_ID[part.fmt]
+            fmt = FMT_ID[part.fmt]
             fast = self._fast and fmt < 3
             kernel, n_chunks = _driver("gemv", part.rows * part.cols * n_t)
             sums = xs if fast else xs_exact

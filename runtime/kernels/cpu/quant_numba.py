@@ -4,7 +4,7 @@ embedding rows). Import through `runtime.kernels.cpu.quant_linear`, which picks 
 threading layer first.
 
 All in one module, at module level: Numba's disk cache notices edits to a function's own file
-only. Formats are small ints (`FMT_ID`); a driver branches on them once per chunk of rows, so
+only. Formats are small ints (`quant.FMT_ID`); a driver branches on them once per chunk of rows, so
 every format shares one compiled driver. fp16 fields are read through a 65536-entry fp32 table
 (`f16`, built by the caller), which keeps the kernels free of float16 arithmetic.
 
@@ -18,8 +18,6 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import prange
-
-FMT_ID = {"q4_0": 0, "q4_1": 1, "q8_0": 2, "q4_k": 3, "q6_k": 4}
 
 # dots may reassociate (fastmath); dequantization keeps fp32 rounding bit-equal to the twin
 _DOT = dict(fastmath=True, cache=True, nogil=True, boundscheck=False, error_model="numpy")
