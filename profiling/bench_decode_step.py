@@ -31,6 +31,7 @@ from runtime.sampling.sampler import RowState, Sampler, build_sampling_batch  # 
 MODES: dict[str, dict[str, str]] = {
     "exact": {"quant_type": "auto", "quant_mode": "exact"},
     "int16": {"quant_type": "auto", "quant_mode": "int16"},
+    "int16-layers": {"quant_type": "auto", "quant_mode": "int16", "cpu_decode": "layers"},
     "fast": {"quant_type": "auto", "quant_mode": "fast"},
     "fp16": {"quant_type": "none", "data_type": "fp16"},
     "fp32": {"quant_type": "none", "data_type": "fp32"},

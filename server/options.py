@@ -175,6 +175,15 @@ OPTIONS: tuple[Option, ...] = (
         choices=("numba", "torch"),
     ),
     Option(
+        "cpu_decode",
+        "str",
+        "CPU decode steps of int16-mode weights: fused runs the whole decoder stack in one "
+        "Numba call (the same bits as layers, about twice as fast at batch 1); layers calls "
+        "each layer's kernels from Python",
+        engine=True,
+        choices=("fused", "layers"),
+    ),
+    Option(
         "gpu_attention",
         "str",
         "GPU decode attention: triton split-K kernel, or torch gather + SDPA",

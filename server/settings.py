@@ -53,6 +53,7 @@ class Settings:
     cpu_linear: str | None = None
     cpu_attention: str | None = None
     cpu_kernels: str | None = None
+    cpu_decode: str | None = None
     gpu_attention: str | None = None
     reward_kernel: str | None = None
     no_warmup: bool | None = None

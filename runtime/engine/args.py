@@ -36,6 +36,7 @@ class EngineArgs:
     cpu_linear: str = "onednn"  # onednn | aten
     cpu_attention: str = "numba"  # numba | torch
     cpu_kernels: str = "numba"  # numba | torch
+    cpu_decode: str = "fused"  # fused | layers (int16-mode decode steps)
     gpu_attention: str = "triton"  # triton | torch
     reward_kernel: str = "cupy"  # cupy | torch
     no_warmup: bool = False

@@ -109,6 +109,8 @@ def _quantized_model(args: EngineArgs, folder: Path, device: torch.device) -> Ca
         dense = load_model(folder, torch.float32, device)
         model = quantize_dense(dense, quant, args.quant_mode)
     model.use_backends(select_backends(device, torch.float32, backend_settings(args)))
+    if args.cpu_decode == "fused" and model.fuse_decode():
+        log.info("decode steps fused: the decoder stack in one Numba call")
     return model
 
 

@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from runtime.kernels.cpu import attention as cpu_attention
+from runtime.kernels.cpu import fused as cpu_fused
+from runtime.kernels.cpu.fused_decode import FusedDecode
 from runtime.kernels.cpu.linear import CpuLinear
 from runtime.model.attention import AttnMeta, build_attn_meta, paged_attention
 from runtime.model.backends import TORCH, Backends
@@ -117,12 +120,34 @@ class CausalLM(nn.Module):
         self.inv_freq: Tensor
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.ops: Backends = TORCH
+        # int16 mode on the CPU: decode-only batches in one call (`fuse_decode`)
+        self.fused_decode: FusedDecode | None = None
 
     def use_backends(self, ops: Backends) -> None:
         """Assemble the layers with `ops` (called once, when the model loads)."""
         self.ops = ops
         for layer in self._decoder_layers:
             layer.ops = ops
+
+    def fuse_decode(self) -> bool:
+        """Run decode-only batches through `FusedDecode` (int16-mode projections and the
+        Numba layer kernels, whose bits it repeats; called once, when the model loads); whether
+        the layers qualify."""
+        ops = self.ops
+        if ops.rms_norm is not cpu_fused.rms_norm or ops.rope_store is not cpu_fused.rope_store:
+            return False
+        if ops.decode_attention is not cpu_attention.paged_decode_attention:
+            return False
+        layers = self.decoder_layers()
+        self.fused_decode = FusedDecode.build(
+            [(lay.qkv_proj, lay.o_proj, lay.gate_up_proj, lay.down_proj) for lay in layers],
+            [lay.input_layernorm for lay in layers],
+            [lay.post_attention_layernorm for lay in layers],
+            self.config.rms_norm_eps,
+            self.config.num_kv_heads,
+            self.config.head_dim,
+        )
+        return self.fused_decode is not None
 
     def decoder_layers(self) -> list[DecoderLayer]:
         """The layers, typed (nn.ModuleList iterates as plain Modules)."""
@@ -139,6 +164,10 @@ class CausalLM(nn.Module):
         """The decoder stack's output for every new token, before the final norm: `[T, H]`."""
         x = self.embed_tokens(batch.input_ids)  # [T, H]
         cos, sin = self.rope_tables(batch.positions)
+        fused = self.fused_decode
+        if fused is not None and fused.applies(batch.query_lens):
+            table, lens = batch.block_table, batch.seq_lens  # [T, L], [T]
+            return fused(x, cos, sin, batch.out_slots, pool.k, pool.v, table, lens)
         meta = build_attn_meta(batch)
         for i, layer in enumerate(self.decoder_layers()):
             x = layer(x, cos, sin, pool.k[i], pool.v[i], meta)

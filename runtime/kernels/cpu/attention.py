@@ -34,6 +34,9 @@ def _kernel() -> Any:
         # workqueue layer's sleep costs 50-100 us per parallel call here; workqueue if no libgomp
         config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
 
+    from runtime.kernels.cpu import numba_cache
+
+    numba_cache.refresh()  # before any kernel module loads: cross-file edits drop the cache
     from runtime.kernels.cpu import numba_kernels  # module level: Numba can cache it
 
     return numba_kernels

@@ -48,6 +48,13 @@ INT16_FORMATS = ("q4_0", "q4_1", "q8_0")  # int16 mode's integer GEMV; K formats
 # README.md, session 9)
 INT16_GEMV_MAX_TOKENS = 64
 _TILE_FOR = (1, 1, 2, 4, 4, 8)  # int16 GEMV's token tile for T rows (8 from 5 up)
+
+
+def int16_tile(n_tokens: int) -> int:
+    """The int16 GEMV's token tile for `n_tokens` rows."""
+    return _TILE_FOR[min(n_tokens, len(_TILE_FOR) - 1)]
+
+
 # prefill dequantizes this many weight elements at a time (4 MB of fp32: stays in cache for MKL)
 PREFILL_CHUNK_ELEMS = 1 << 20
 
@@ -223,7 +230,7 @@ class QuantLinear(CpuLinear):
                 self._prefill(xr, out, QuantMatrix)
                 return out
             self._gemv_blocks(xr.numpy(), out.numpy(), accumulate, skip=INT16_FORMATS)
-        tile = _TILE_FOR[n_t] if n_t < len(_TILE_FOR) else _TILE_FOR[-1]
+        tile = int16_tile(n_t)
         n_pad = -(-n_t // tile) * tile
         o = out.numpy()
         if base is None:
